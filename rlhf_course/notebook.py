@@ -1,0 +1,51 @@
+"""What every notebook's first code cell calls: seed, pick profile and device, print versions."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+from dataclasses import dataclass
+
+import torch
+
+from rlhf_course.profiles import Profile, current_profile, get_device, seed_everything
+
+KEY_PACKAGES = ("torch", "transformers", "trl", "datasets", "peft", "accelerate", "matplotlib")
+REPO = "rlhf-course/rlhf-course"  # GitHub owner/name used by the Colab badges; change when forking
+
+
+def package_versions(names=KEY_PACKAGES) -> dict[str, str]:
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+@dataclass(frozen=True)
+class Session:
+    profile: Profile
+    device: torch.device
+    seed: int
+
+
+def start(seed: int = 0, threads: int | None = None) -> Session:
+    """Seed everything, choose the profile and device, and print one line of versions.
+
+    Call it in the first code cell of every notebook so each runs alone in a fresh kernel.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    seed_everything(seed)
+    session = Session(profile=current_profile(), device=get_device(), seed=seed)
+    versions = ", ".join(f"{k} {v}" for k, v in package_versions().items())
+    print(f"profile={session.profile} device={session.device} seed={seed} | python {platform.python_version()}, {versions}")
+    return session
+
+
+def colab_badge(notebook: str) -> str:
+    """Markdown for the 'Open in Colab' badge of ``notebooks/<notebook>``."""
+    url = f"https://colab.research.google.com/github/{REPO}/blob/main/notebooks/{notebook}"
+    return f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url})"

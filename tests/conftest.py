@@ -1,0 +1,23 @@
+"""Shared test set-up: offline mode and a guard that fails any test opening a network connection."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest  # noqa: E402
+
+from rlhf_course import netguard  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_network():
+    """Every test runs with non-loopback connections refused (loopback stays open for kernels)."""
+    was_installed = netguard.is_installed()
+    netguard.install()
+    yield
+    if not was_installed:
+        netguard.uninstall()
