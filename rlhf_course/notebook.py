@@ -49,3 +49,23 @@ def colab_badge(notebook: str) -> str:
     """Markdown for the 'Open in Colab' badge of ``notebooks/<notebook>``."""
     url = f"https://colab.research.google.com/github/{REPO}/blob/main/notebooks/{notebook}"
     return f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url})"
+
+
+def environment_check():
+    """One row per requirement of the installed course: required spec, installed version, OK/FAIL."""
+    import pandas as pd
+    from packaging.requirements import Requirement
+
+    rows = []
+    for line in importlib.metadata.requires("rlhf-course") or []:
+        requirement = Requirement(line)
+        if requirement.marker is not None:
+            continue
+        try:
+            installed = importlib.metadata.version(requirement.name)
+        except importlib.metadata.PackageNotFoundError:
+            installed = None
+        ok = installed is not None and requirement.specifier.contains(installed.split("+")[0], prereleases=True)
+        rows.append({"package": requirement.name, "required": str(requirement.specifier),
+                     "installed": installed or "missing", "status": "OK" if ok else "FAIL"})
+    return pd.DataFrame(rows).set_index("package")
