@@ -1,0 +1,264 @@
+"""Token-level pairwise ("divergence") reward loss, as in trlx / DeepSpeed-Chat / LLaMA-Factory.
+
+A causal reward model emits one value per token.  For a chosen/rejected pair that shares a prompt,
+the values before the first differing token are identical (same prefix, causal attention), so the
+loss compares the two sequences token by token from the *divergence index* onwards:
+
+    lengths      = number of real tokens (right-padded attention masks)
+    div          = first position where the (unpadded) ids differ
+    if none:       end = chosen length, div = end - 1          (identical pair: compare last token)
+    else:          end = max(chosen length, rejected length)
+    loss_i       = mean over t in [div, end) of -log sigma(v_chosen[t] - v_rejected[t])
+    loss         = mean over pairs
+    score        = value at the last real token
+
+Lineage: the trlx summarize-RLHF reward model (CarperAI), DeepSpeed-Chat's ``RewardModel.forward``
+(step 2; arXiv 2308.01320) and LLaMA-Factory's pairwise trainer in its early releases.  The seeds
+``assert divergence_ind > 0``; here a pair that shares no prefix uses the same formula with div = 0
+(see notebook 03 for why the guard existed).  Note the range ``[div, end)`` runs to the *longer*
+sequence, so it includes padding positions of the shorter one: that is the seeds' behaviour, kept.
+
+``token_level_pairwise_loss_reference`` is the per-pair Python loop; ``token_level_pairwise_loss`` is
+the same computation with no loop over the batch.  ``benchmark`` times both (``python -m
+rlhf_course.bench token_loss``).  ``movie_preference_pairs`` builds shared-prefix pairs from real
+Rotten Tomatoes snippets for notebook 03.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "TokenLossOutput",
+    "token_level_pairwise_loss_reference",
+    "token_level_pairwise_loss",
+    "divergence_windows",
+    "movie_preference_pairs",
+    "benchmark",
+]
+
+
+@dataclass
+class TokenLossOutput:
+    loss: torch.Tensor  # scalar
+    chosen_scores: torch.Tensor  # (batch,) value at the chosen sequence's last real token
+    rejected_scores: torch.Tensor  # (batch,)
+
+
+def _validate(chosen_values, rejected_values, chosen_ids, rejected_ids, chosen_mask, rejected_mask):
+    """Shapes must agree and masks must be right-padded (1...1 0...0) with at least one real token."""
+    shape = chosen_values.shape
+    named = {
+        "chosen_values": chosen_values,
+        "rejected_values": rejected_values,
+        "chosen_ids": chosen_ids,
+        "rejected_ids": rejected_ids,
+        "chosen_mask": chosen_mask,
+        "rejected_mask": rejected_mask,
+    }
+    for name, tensor in named.items():
+        if tensor.dim() != 2 or tensor.shape != shape:
+            raise ValueError(
+                f"{name} has shape {tuple(tensor.shape)}; every input must be (batch, seq_len) = {tuple(shape)}. "
+                "Pad chosen and rejected to the same length (DeepSpeed-Chat concatenates them in one batch)."
+            )
+    for name in ("chosen_mask", "rejected_mask"):
+        mask = named[name].long()
+        lengths = mask.sum(dim=1)
+        if (lengths == 0).any():
+            row = int((lengths == 0).nonzero()[0])
+            raise ValueError(f"{name} row {row} has no real token; drop empty sequences before the loss.")
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        right_padded = (positions[None, :] < lengths[:, None]).long()
+        if not torch.equal(mask, right_padded):
+            row = int((mask != right_padded).any(dim=1).nonzero()[0])
+            raise ValueError(
+                f"{name} row {row} is not right-padded (real tokens first, then padding): "
+                f"{mask[row].tolist()}. This loss finds lengths and the divergence index from the left, so "
+                "tokenize with tokenizer.padding_side = 'right'."
+            )
+
+
+def _real_ids(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """ids with every padded position set to -1, so what fills the padding never counts as a difference."""
+    return torch.where(mask.bool(), ids, torch.full_like(ids, -1))
+
+
+def token_level_pairwise_loss_reference(
+    chosen_values, rejected_values, chosen_ids, rejected_ids, chosen_mask, rejected_mask
+) -> TokenLossOutput:
+    """The per-pair loop, as the trlx / DeepSpeed-Chat reward models write it (one pair at a time)."""
+    _validate(chosen_values, rejected_values, chosen_ids, rejected_ids, chosen_mask, rejected_mask)
+    losses, chosen_scores, rejected_scores = [], [], []
+    for i in range(chosen_values.shape[0]):
+        chosen_length = int(chosen_mask[i].sum())
+        rejected_length = int(rejected_mask[i].sum())
+        differs = (_real_ids(chosen_ids[i], chosen_mask[i]) != _real_ids(rejected_ids[i], rejected_mask[i])).nonzero()
+        if len(differs) == 0:  # identical pair: compare the last real token only
+            end = chosen_length
+            divergence = end - 1
+        else:
+            end = max(chosen_length, rejected_length)
+            divergence = int(differs[0])  # may be 0: no shared prefix (the seeds assert > 0 here)
+        chosen_window = chosen_values[i, divergence:end]
+        rejected_window = rejected_values[i, divergence:end]
+        losses.append(-F.logsigmoid(chosen_window - rejected_window).mean())
+        chosen_scores.append(chosen_values[i, chosen_length - 1])
+        rejected_scores.append(rejected_values[i, rejected_length - 1])
+    return TokenLossOutput(
+        loss=torch.stack(losses).mean(),
+        chosen_scores=torch.stack(chosen_scores),
+        rejected_scores=torch.stack(rejected_scores),
+    )
+
+
+def divergence_windows(chosen_ids, rejected_ids, chosen_mask, rejected_mask):
+    """Per pair: ``(divergence_index, end_index, window_mask)`` with no Python loop over the batch."""
+    chosen_lengths = chosen_mask.long().sum(dim=1)
+    rejected_lengths = rejected_mask.long().sum(dim=1)
+    differs = _real_ids(chosen_ids, chosen_mask) != _real_ids(rejected_ids, rejected_mask)
+    has_divergence = differs.any(dim=1)
+    first_difference = differs.int().argmax(dim=1)  # argmax returns the first maximal position
+    end = torch.where(has_divergence, torch.maximum(chosen_lengths, rejected_lengths), chosen_lengths)
+    divergence = torch.where(has_divergence, first_difference, chosen_lengths - 1)
+    positions = torch.arange(chosen_ids.shape[1], device=chosen_ids.device)[None, :]
+    window = (positions >= divergence[:, None]) & (positions < end[:, None])
+    return divergence, end, window
+
+
+def token_level_pairwise_loss(
+    chosen_values, rejected_values, chosen_ids, rejected_ids, chosen_mask, rejected_mask
+) -> TokenLossOutput:
+    """Vectorised token-level pairwise loss: same inputs and results as the reference loop."""
+    _validate(chosen_values, rejected_values, chosen_ids, rejected_ids, chosen_mask, rejected_mask)
+    _, _, window = divergence_windows(chosen_ids, rejected_ids, chosen_mask, rejected_mask)
+    per_token = -F.logsigmoid(chosen_values - rejected_values)
+    per_token = torch.where(window, per_token, torch.zeros_like(per_token))
+    per_pair = per_token.sum(dim=1) / window.sum(dim=1).to(per_token.dtype)
+    batch = torch.arange(chosen_values.shape[0], device=chosen_values.device)
+    chosen_last = chosen_mask.long().sum(dim=1) - 1
+    rejected_last = rejected_mask.long().sum(dim=1) - 1
+    return TokenLossOutput(
+        loss=per_pair.mean(),
+        chosen_scores=chosen_values[batch, chosen_last],
+        rejected_scores=rejected_values[batch, rejected_last],
+    )
+
+
+# ----------------------------------------------------------------------------- data for notebook 03
+
+
+def movie_preference_pairs(max_pairs: int = 2000, seed: int = 0, max_words: int = 40) -> list[dict]:
+    """Shared-prefix preference pairs from real Rotten Tomatoes critic snippets.
+
+    For a movie with both kinds of review: ``prompt`` = ``"Critic review of <movie>:"``, ``chosen`` =
+    one of its *fresh* (positive) snippets, ``rejected`` = one of its *rotten* snippets.  The prompt is
+    the shared prefix; the continuations differ, so the divergence index is where the response starts
+    (or earlier, when both snippets happen to start with the same word).  Snippets longer than
+    ``max_words`` words are skipped.  Returns dicts with ``prompt``, ``chosen``, ``rejected``,
+    ``movie``; pairs are spread over movies (round-robin) and shuffled with ``seed``.
+    """
+    from rlhf_course.assets import rotten_tomatoes
+
+    frame = rotten_tomatoes().to_pandas()
+    frame = frame[frame["text"].str.split().str.len() <= max_words]
+    rng = random.Random(seed)
+    per_movie = []
+    for movie, group in sorted(frame.groupby("movie"), key=lambda item: item[0]):
+        fresh = group.loc[group["label"] == 1, "text"].tolist()
+        rotten = group.loc[group["label"] == 0, "text"].tolist()
+        rng.shuffle(fresh)
+        rng.shuffle(rotten)
+        pairs = [
+            {"prompt": f"Critic review of {movie.replace('_', ' ').title()}:", "chosen": " " + good, "rejected": " " + bad, "movie": movie}
+            for good, bad in zip(fresh, rotten)
+            if good != bad
+        ]
+        if pairs:
+            per_movie.append(pairs)
+    if not per_movie:
+        raise ValueError("no movie has both a fresh and a rotten snippet under max_words; raise max_words.")
+    ordered, depth = [], 0
+    while len(ordered) < max_pairs and any(depth < len(p) for p in per_movie):
+        ordered.extend(p[depth] for p in per_movie if depth < len(p))
+        depth += 1
+    ordered = ordered[:max_pairs]
+    rng.shuffle(ordered)
+    return ordered
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+
+def random_pair_batch(batch: int, length: int, vocab: int = 50_000, seed: int = 0, requires_grad: bool = True):
+    """Random right-padded pairs with shared prefixes, as a dict of the six loss inputs."""
+    generator = torch.Generator().manual_seed(seed)
+    chosen_ids = torch.randint(0, vocab, (batch, length), generator=generator)
+    rejected_ids = torch.randint(0, vocab, (batch, length), generator=generator)
+    prefix = torch.randint(1, length // 2, (batch,), generator=generator)
+    positions = torch.arange(length)[None, :]
+    shared = positions < prefix[:, None]
+    rejected_ids = torch.where(shared, chosen_ids, rejected_ids)
+    chosen_lengths = torch.randint(length // 2, length + 1, (batch,), generator=generator)
+    rejected_lengths = torch.randint(length // 2, length + 1, (batch,), generator=generator)
+    chosen_mask = (positions < chosen_lengths[:, None]).long()
+    rejected_mask = (positions < rejected_lengths[:, None]).long()
+    return {
+        "chosen_values": torch.randn(batch, length, generator=generator).requires_grad_(requires_grad),
+        "rejected_values": torch.randn(batch, length, generator=generator).requires_grad_(requires_grad),
+        "chosen_ids": chosen_ids,
+        "rejected_ids": rejected_ids,
+        "chosen_mask": chosen_mask,
+        "rejected_mask": rejected_mask,
+    }
+
+
+def _time_forward_backward(loss_fn, inputs, repeats: int) -> float:
+    """Median seconds of one forward + backward of ``loss_fn`` on ``inputs``."""
+    times = []
+    for _ in range(repeats + 1):  # first call is a warm-up
+        for key in ("chosen_values", "rejected_values"):
+            inputs[key].grad = None
+        start = time.perf_counter()
+        loss_fn(**inputs).loss.backward()
+        times.append(time.perf_counter() - start)
+    times = sorted(times[1:])
+    return times[len(times) // 2]
+
+
+def benchmark(argv: list[str]) -> None:
+    """Forward + backward time of the reference loop vs the vectorised loss, on CPU.
+
+    Runs once per thread count in ``--threads`` (default: 1 and torch's default).  On a shared
+    machine the multi-threaded figures are inflated by waiting for busy cores; 1 thread is steadier.
+    """
+    parser = argparse.ArgumentParser(prog="python -m rlhf_course.bench token_loss")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", default=f"1,{torch.get_num_threads()}", help="comma-separated torch thread counts")
+    args = parser.parse_args(argv)
+    inputs = random_pair_batch(args.batch, args.length)
+    reference = token_level_pairwise_loss_reference(**inputs)
+    vectorised = token_level_pairwise_loss(**inputs)
+    difference = (reference.loss - vectorised.loss).abs().item()
+    print(
+        f"token-level pairwise loss, forward+backward on CPU, batch {args.batch}, length {args.length}, "
+        f"median of {args.repeats}; |loss difference| = {difference:.2e}"
+    )
+    default_threads = torch.get_num_threads()
+    for threads in sorted({int(t) for t in str(args.threads).split(",") if t.strip()}):
+        torch.set_num_threads(threads)
+        reference_s = _time_forward_backward(token_level_pairwise_loss_reference, inputs, args.repeats)
+        vectorised_s = _time_forward_backward(token_level_pairwise_loss, inputs, args.repeats)
+        print(
+            f"  threads={threads}: reference (per-pair loop) {reference_s * 1e3:8.2f} ms | "
+            f"vectorised {vectorised_s * 1e3:7.2f} ms | speed-up {reference_s / vectorised_s:6.1f}x"
+        )
+    torch.set_num_threads(default_threads)

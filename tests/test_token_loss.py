@@ -1,0 +1,161 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rlhf_course import token_loss as tl
+
+
+def _batch(rows, length):
+    """rows: list of (chosen_ids, rejected_ids) lists of ints; right-pads with id 0 to ``length``."""
+    generator = torch.Generator().manual_seed(len(rows) * 1000 + length)
+    out = {k: [] for k in ("chosen_ids", "rejected_ids", "chosen_mask", "rejected_mask")}
+    for chosen, rejected in rows:
+        for side, ids in (("chosen", chosen), ("rejected", rejected)):
+            out[f"{side}_ids"].append(ids + [0] * (length - len(ids)))
+            out[f"{side}_mask"].append([1] * len(ids) + [0] * (length - len(ids)))
+    batch = {k: torch.tensor(v) for k, v in out.items()}
+    batch["chosen_values"] = torch.randn(len(rows), length, generator=generator, dtype=torch.float64, requires_grad=True)
+    batch["rejected_values"] = torch.randn(len(rows), length, generator=generator, dtype=torch.float64, requires_grad=True)
+    return batch
+
+
+def _both(batch):
+    reference = tl.token_level_pairwise_loss_reference(**batch)
+    vectorised = tl.token_level_pairwise_loss(**batch)
+    return reference, vectorised
+
+
+def _assert_same(batch):
+    reference, vectorised = _both(batch)
+    assert vectorised.loss.item() == pytest.approx(reference.loss.item(), abs=1e-6)
+    torch.testing.assert_close(vectorised.chosen_scores, reference.chosen_scores, atol=1e-6, rtol=0)
+    torch.testing.assert_close(vectorised.rejected_scores, reference.rejected_scores, atol=1e-6, rtol=0)
+    grads = []
+    for out in (reference, vectorised):
+        values = (batch["chosen_values"], batch["rejected_values"])
+        grads.append(torch.autograd.grad(out.loss, values))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert torch.isfinite(vectorised.loss)
+
+
+def test_hand_computed_example():
+    # pair 0: shared prefix [5, 6], chosen length 4, rejected length 3 -> window [2, 4)
+    # pair 1: identical -> window [2, 3) (last real token only)
+    # pair 2: no shared prefix -> window [0, max(2, 3)) = [0, 3)
+    batch = _batch([([5, 6, 7, 8], [5, 6, 9]), ([1, 2, 3], [1, 2, 3]), ([4, 4], [3, 4, 4])], 5)
+    cv, rv = batch["chosen_values"], batch["rejected_values"]
+    expected = torch.stack(
+        [
+            -F.logsigmoid(cv[0, 2:4] - rv[0, 2:4]).mean(),
+            -F.logsigmoid(cv[1, 2:3] - rv[1, 2:3]).mean(),
+            -F.logsigmoid(cv[2, 0:3] - rv[2, 0:3]).mean(),
+        ]
+    ).mean()
+    reference, vectorised = _both(batch)
+    assert reference.loss.item() == pytest.approx(expected.item(), abs=1e-12)
+    assert vectorised.loss.item() == pytest.approx(expected.item(), abs=1e-12)
+    assert vectorised.chosen_scores.tolist() == pytest.approx([cv[0, 3].item(), cv[1, 2].item(), cv[2, 1].item()])
+    assert vectorised.rejected_scores.tolist() == pytest.approx([rv[0, 2].item(), rv[1, 2].item(), rv[2, 2].item()])
+    divergence, end, _ = tl.divergence_windows(
+        batch["chosen_ids"], batch["rejected_ids"], batch["chosen_mask"], batch["rejected_mask"]
+    )
+    assert divergence.tolist() == [2, 2, 0] and end.tolist() == [4, 3, 3]
+
+
+def test_padding_contents_never_count_as_a_difference():
+    batch = _batch([([1, 2, 3], [1, 2, 3])], 5)
+    batch["rejected_ids"][0, 3:] = 77  # a different pad id on one side
+    divergence, end, _ = tl.divergence_windows(
+        batch["chosen_ids"], batch["rejected_ids"], batch["chosen_mask"], batch["rejected_mask"]
+    )
+    assert (divergence.item(), end.item()) == (2, 3)
+    _assert_same(batch)
+
+
+pair_strategy = st.integers(min_value=1, max_value=12).flatmap(
+    lambda length: st.tuples(
+        st.just(length),
+        st.lists(
+            st.tuples(
+                st.sampled_from(["shared", "identical", "no_prefix", "prefix_of_other"]),
+                st.integers(0, length),  # shared prefix length
+                st.integers(1, length),  # chosen length
+                st.integers(1, length),  # rejected length
+                st.integers(0, 2**31 - 1),  # token seed
+            ),
+            min_size=1,
+            max_size=6,
+        ),
+    )
+)
+
+
+def _ids_for(kind, prefix, chosen_length, rejected_length, seed):
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randint(1, 6, (chosen_length,), generator=generator).tolist()  # small vocab: chance matches
+    rejected = torch.randint(1, 6, (rejected_length,), generator=generator).tolist()
+    if kind == "identical":
+        rejected = list(chosen)
+    elif kind == "no_prefix":
+        rejected[0] = chosen[0] % 5 + 1
+    elif kind == "prefix_of_other":  # rejected is a strict prefix of chosen (or equal)
+        rejected = chosen[: min(rejected_length, chosen_length)]
+    else:
+        shared = min(prefix, chosen_length, rejected_length)
+        rejected[:shared] = chosen[:shared]
+    return chosen, rejected
+
+
+@settings(max_examples=150, deadline=None)
+@given(pair_strategy)
+def test_vectorised_matches_reference_on_random_batches(spec):
+    length, pairs = spec
+    rows = [_ids_for(*pair) for pair in pairs]
+    _assert_same(_batch(rows, length))
+
+
+def test_float32_and_large_random_batch_agree():
+    batch = tl.random_pair_batch(16, 64, vocab=7, seed=3)
+    reference, vectorised = _both(batch)
+    assert abs(reference.loss.item() - vectorised.loss.item()) < 1e-6
+
+
+def test_input_validation_messages():
+    batch = _batch([([1, 2], [1, 3])], 3)
+    left = dict(batch, chosen_mask=torch.tensor([[0, 1, 1]]))
+    with pytest.raises(ValueError, match="not right-padded"):
+        tl.token_level_pairwise_loss(**left)
+    with pytest.raises(ValueError, match="not right-padded"):
+        tl.token_level_pairwise_loss_reference(**left)
+    empty = dict(batch, rejected_mask=torch.tensor([[0, 0, 0]]))
+    with pytest.raises(ValueError, match="no real token"):
+        tl.token_level_pairwise_loss(**empty)
+    short = dict(batch, rejected_values=torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="same length"):
+        tl.token_level_pairwise_loss(**short)
+
+
+def test_loss_trains_values_apart():
+    batch = tl.random_pair_batch(4, 10, vocab=5, seed=0)
+    loss = tl.token_level_pairwise_loss(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert (batch["chosen_values"].grad <= 0).all() and (batch["chosen_values"].grad < 0).any()
+
+
+def test_benchmark_prints_a_ratio(capsys):
+    tl.benchmark(["--batch", "4", "--length", "16", "--repeats", "2", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "speed-up" in out and "threads=1" in out
+
+
+def test_movie_preference_pairs_share_a_prompt_and_differ():
+    pairs = tl.movie_preference_pairs(max_pairs=50, seed=0)
+    again = tl.movie_preference_pairs(max_pairs=50, seed=0)
+    assert pairs == again and len(pairs) == 50
+    assert len({p["movie"] for p in pairs}) == 50  # round-robin: one pair per movie first
+    for pair in pairs:
+        assert pair["prompt"].startswith("Critic review of ") and pair["chosen"] != pair["rejected"]
