@@ -1,0 +1,205 @@
+"""Tests for rlhf_course.beyond_ppo: the reward wrapper's label choice, the TRL trap it avoids, and a
+two-step run of each TRL trainer (DPO, RLOO, GRPO) on tiny models built from configs."""
+
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+
+from rlhf_course import beyond_ppo as bp
+from rlhf_course.assets import gpt2_tokenizer, minilm_tokenizer
+
+TEXTS = ["a wonderful, moving film", "dull and far too long", "the actors", "I"]
+
+
+def tiny_classifier(id2label):
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=minilm_tokenizer().vocab_size, hidden_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=64, num_labels=2, id2label=id2label,
+                        label2id={v: k for k, v in id2label.items()})
+    return BertForSequenceClassification(config).eval()
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return tiny_classifier({0: "NEGATIVE", 1: "POSITIVE"})
+
+
+@pytest.fixture(scope="module")
+def reward_tokenizer():
+    return minilm_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def policy_tokenizer():
+    return gpt2_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny_policy_path(tmp_path_factory, policy_tokenizer):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=128,
+                                       vocab_size=len(policy_tokenizer)))
+    return bp.save_for_trl(model, policy_tokenizer, tmp_path_factory.mktemp("tiny_policy"))
+
+
+def logits(classifier, tokenizer, texts, **kwargs):
+    with torch.no_grad():
+        return classifier(**tokenizer(texts, return_tensors="pt", padding=True, **kwargs)).logits
+
+
+# ----------------------------------------------------------------------------- reward wrapper
+
+
+def test_positive_label_index_reads_id2label():
+    assert bp.positive_label_index(tiny_classifier({0: "NEGATIVE", 1: "POSITIVE"})) == 1
+    assert bp.positive_label_index(tiny_classifier({0: "POSITIVE", 1: "NEGATIVE"})) == 0
+    with pytest.raises(ValueError, match="positive_index"):
+        bp.positive_label_index(tiny_classifier({0: "LABEL_0", 1: "LABEL_1"}))
+
+
+def test_wrapper_returns_the_positive_logit_not_the_first(classifier, reward_tokenizer):
+    reward = bp.PositiveLogitReward(classifier, reward_tokenizer)
+    scores = reward(prompts=TEXTS[:2], completions=[" indeed", " sadly"])
+    expected = logits(classifier, reward_tokenizer, [TEXTS[0] + " indeed", TEXTS[1] + " sadly"])
+    assert scores == pytest.approx(expected[:, 1].tolist(), abs=1e-5)
+    assert scores != pytest.approx(expected[:, 0].tolist(), abs=1e-3)
+    swapped = bp.PositiveLogitReward(classifier, reward_tokenizer, positive_index=0)
+    assert swapped.score_texts(TEXTS) == pytest.approx(logits(classifier, reward_tokenizer, TEXTS)[:, 0].tolist(),
+                                                       abs=1e-5)
+
+
+def test_trl_scores_a_classifier_passed_directly_by_its_negative_logit(
+        tmp_path, classifier, reward_tokenizer, policy_tokenizer, tiny_policy_path):
+    """The trap, through TRL's own reward code: logit 0 of a NEGATIVE/POSITIVE model is NEGATIVE."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    args = bp.trl_args(GRPOConfig, tmp_path, max_steps=1, per_device_train_batch_size=2, num_generations=2,
+                       max_completion_length=4)
+    wrapper = bp.PositiveLogitReward(classifier, reward_tokenizer)
+    trainer = GRPOTrainer(model=tiny_policy_path, reward_funcs=[classifier, wrapper], args=args,
+                          train_dataset=Dataset.from_dict({"prompt": TEXTS}), processing_class=policy_tokenizer,
+                          reward_processing_classes=[reward_tokenizer, reward_tokenizer])
+    prompts, completions = TEXTS[:2], [" great", " bad"]
+    columns = bp.trl_reward_columns(trainer, prompts, completions)
+    texts = [p + c for p, c in zip(prompts, completions)]
+    direct = logits(classifier, reward_tokenizer, texts, add_special_tokens=False)  # as TRL tokenizes
+    assert columns.iloc[:, 0].tolist() == pytest.approx(direct[:, 0].tolist(), abs=1e-5)  # NEGATIVE logit
+    assert columns["positive_logit"].tolist() == pytest.approx(
+        logits(classifier, reward_tokenizer, texts)[:, 1].tolist(), abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- models on disk, configs
+
+
+def test_in_memory_policy_is_refused_with_instructions(policy_tokenizer, tiny_policy_path):
+    in_memory = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=len(policy_tokenizer)))
+    with pytest.raises(ValueError, match="save_for_trl"):
+        bp.require_saved_path(in_memory)
+    assert bp.require_saved_path(tiny_policy_path) == tiny_policy_path
+    assert bp.require_saved_path(GPT2LMHeadModel.from_pretrained(tiny_policy_path)) == tiny_policy_path
+
+
+def test_trl_args_are_cpu_safe(tmp_path):
+    from trl import DPOConfig
+
+    args = bp.trl_args(DPOConfig, tmp_path)
+    if not torch.cuda.is_available():
+        assert args.use_cpu and not args.bf16
+    assert args.report_to in ("none", [], ["none"]) and not args.gradient_checkpointing
+
+
+# ----------------------------------------------------------------------------- two-step runs
+
+
+def changed(before: dict, model) -> bool:
+    return any(not torch.equal(before[name], p.detach()) for name, p in model.named_parameters())
+
+
+def initial_params(path):
+    return {n: p.detach().clone() for n, p in GPT2LMHeadModel.from_pretrained(path).named_parameters()}
+
+
+SMOKE = bp.BeyondPPOConfig(dpo_steps=2, dpo_batch_size=4, dpo_learning_rate=1e-3, dpo_max_length=32,
+                           rl_steps=2, rl_prompts_per_step=2, rl_num_generations=2, rl_learning_rate=1e-3,
+                           rl_max_completion_length=6)
+
+
+def test_dpo_two_steps(tmp_path, policy_tokenizer, tiny_policy_path):
+    pairs = Dataset.from_dict({"prompt": ["Question: hi\n\nAnswer:"] * 4,
+                               "chosen": [" hello, how can I help?"] * 4, "rejected": [" go away"] * 4})
+    result = bp.train_dpo(tiny_policy_path, policy_tokenizer, pairs, SMOKE, tmp_path)
+    assert len(result.history) == 2 and result.history["loss"].map(math.isfinite).all()
+    assert changed(initial_params(tiny_policy_path), result.model)
+    assert result.models == ["policy", "reference"] and result.wall_s > 0 and result.peak_rss_mb > 0
+    reference = GPT2LMHeadModel.from_pretrained(tiny_policy_path)
+    rewards = bp.implicit_rewards(result.model, reference, policy_tokenizer, pairs, beta=SMOKE.dpo_beta)
+    assert (rewards["margin"] > 0).all()  # two steps on the same pair at lr 1e-3 prefer the chosen answer
+    unchanged = bp.implicit_rewards(reference, reference, policy_tokenizer, pairs, beta=0.1)
+    assert unchanged[["chosen_reward", "rejected_reward"]].abs().max().max() < 1e-6
+
+
+@pytest.mark.parametrize("train", [bp.train_rloo, bp.train_grpo], ids=["rloo", "grpo"])
+def test_group_trainers_two_steps(train, tmp_path, classifier, reward_tokenizer, policy_tokenizer,
+                                  tiny_policy_path):
+    prompts = Dataset.from_dict({"prompt": TEXTS})
+    reward = bp.PositiveLogitReward(classifier, reward_tokenizer)
+    result = train(tiny_policy_path, policy_tokenizer, prompts, reward, SMOKE, tmp_path)
+    assert len(result.history) == 2
+    assert result.history["loss"].map(math.isfinite).all() and result.history["reward"].map(math.isfinite).all()
+    assert "kl" in result.history  # beta > 0: a reference model was loaded from the saved path
+    assert changed(initial_params(tiny_policy_path), result.model)
+    assert result.models == ["policy", "reference", "reward model"]  # no critic
+
+
+# ----------------------------------------------------------------------------- evaluation and counting
+
+
+def test_evaluate_policy_against_itself_has_zero_kl(classifier, reward_tokenizer, policy_tokenizer,
+                                                     tiny_policy_path):
+    policy = GPT2LMHeadModel.from_pretrained(tiny_policy_path)
+    reward = bp.PositiveLogitReward(classifier, reward_tokenizer)
+    result = bp.evaluate_policy(policy, policy, policy_tokenizer, TEXTS, reward, max_new_tokens=5)
+    assert abs(result["kl"]) < 1e-5 and math.isfinite(result["reward"])
+    assert len(result["samples"]) == len(TEXTS)
+    again = bp.evaluate_policy(policy, policy, policy_tokenizer, TEXTS, reward, max_new_tokens=5)
+    assert again["samples"]["completion"].tolist() == result["samples"]["completion"].tolist()  # seeded
+
+
+def test_sampling_cuts_each_completion_after_its_first_eos(policy_tokenizer, tiny_policy_path):
+    policy = GPT2LMHeadModel.from_pretrained(tiny_policy_path)
+    eos = policy_tokenizer.eos_token_id
+    head = torch.nn.Linear(policy.config.n_embd, policy.config.vocab_size, bias=True)
+    with torch.no_grad():  # uniform logits except EOS, which gets about half the probability
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[eos] = math.log(policy.config.vocab_size)
+    policy.lm_head = head
+    prompts = TEXTS * 4
+    _, completions = bp.sample_completions(policy, policy_tokenizer, prompts, max_new_tokens=6)
+    assert all(1 <= len(c) <= 6 and eos not in c[:-1] for c in completions)
+    assert any(len(c) < 6 for c in completions) and any(c[-1] == eos for c in completions)
+
+
+def test_code_lines_skips_blanks_comments_and_docstrings(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text('"""Module doc\nover two lines."""\n\n# a comment\ndef f(x):\n    """Doc."""\n'
+                      "    y = x + 1  # trailing comment counts\n\n    return y\n")
+    assert bp.code_lines(source) == 3
+    assert bp.code_lines(bp.code_lines) > 5
+
+
+def test_memory_monitor_keeps_the_peak_seen_while_the_block_runs(monkeypatch):
+    readings = iter([100.0, 180.0, 250.0, 120.0] + [110.0] * 10_000)
+    monkeypatch.setattr(bp.MemoryMonitor, "rss_mb", staticmethod(lambda: next(readings)))
+    with bp.MemoryMonitor(interval=0.001) as memory:
+        import time
+
+        time.sleep(0.05)
+    assert memory.start_mb == 100.0 and memory.peak_mb == 250.0 and memory.added_mb == 150.0
+
+
+def test_memory_monitor_reads_this_process_rss():
+    assert bp.MemoryMonitor.rss_mb() > 10
