@@ -1,0 +1,179 @@
+"""The PPO starting policy: a GPT-2-architecture language model of movie reviews.
+
+The classic sentiment experiment (Ziegler et al. 2019, "Fine-Tuning Language Models from Human
+Preferences"; TRL's ``gpt2-sentiment`` example) starts PPO from ``lvwerra/gpt2-imdb``: GPT-2
+fine-tuned for one epoch on IMDB reviews, i.e. a *supervised fine-tuned* (SFT) policy that already
+writes in the domain.  The full profile loads that model from the hub.
+
+GPT-2's weights are not available offline, so the laptop profile trains a small stand-in from
+scratch: a ``GPT2Config`` model (4 layers, 128 wide, 7.2M parameters, most of them the
+tied 50,257-token embedding) with the *real* GPT-2 tokenizer, on the movie
+review snippets that ship with the course (Rotten Tomatoes critics, Pang & Lee, plus the rated
+snippets of Hutto & Gilbert 2014).  Each snippet ends with ``<|endoftext|>``, so the policy learns
+to finish a review, which is what lets PPO responses stop at EOS instead of running to the maximum
+length.  Sequences are packed into fixed blocks, as in Hugging Face's ``run_clm`` recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from rlhf_course import assets
+from rlhf_course.profiles import current_profile, require_hub
+
+FULL_PROFILE_POLICY = "lvwerra/gpt2-imdb"
+SFT_ASSET = "sft-policy"
+SFT_VERSION = "1"
+
+
+@dataclass
+class SFTConfig:
+    """Size and schedule of the laptop SFT policy (chosen to train in a few CPU minutes)."""
+
+    n_layer: int = 4
+    n_embd: int = 128  # the 50,257-way output layer dominates the cost: width 128 keeps it CPU-sized
+    n_head: int = 4
+    block_size: int = 64  # tokens per packed training sequence; snippets average ~25 tokens
+    batch_size: int = 16
+    steps: int = 200  # ~200k tokens, a third of an epoch: enough to write review-like text
+    learning_rate: float = 2e-3  # small models trained from scratch tolerate a high rate
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    held_out: int = 500  # snippets kept aside to report held-out loss / perplexity
+    seed: int = 0
+
+
+def review_snippets() -> list[str]:
+    """Every distinct movie-review snippet available offline (critic snippets + rated snippets)."""
+    texts = list(assets.rotten_tomatoes()["text"]) + list(assets.rated_movie_snippets()["text"])
+    seen, unique = set(), []
+    for text in texts:
+        text = " ".join(text.split())
+        if len(text) >= 20 and text not in seen:
+            seen.add(text)
+            unique.append(text)
+    return unique
+
+
+def pack_blocks(texts: list[str], tokenizer, block_size: int) -> torch.Tensor:
+    """Tokenise ``text<|endoftext|>`` for every snippet, concatenate, cut into equal blocks."""
+    ids: list[int] = []
+    for encoded in tokenizer(texts)["input_ids"]:
+        ids.extend(encoded + [tokenizer.eos_token_id])
+    usable = len(ids) // block_size * block_size
+    if usable == 0:
+        raise ValueError(f"{len(texts)} texts give only {len(ids)} tokens, fewer than one block of {block_size}")
+    return torch.tensor(ids[:usable]).view(-1, block_size)
+
+
+def small_gpt2_config(config: SFTConfig, vocab_size: int = 50257):
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=max(128, config.block_size),  # room for PPO's query (<=8) + response (<=16)
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        bos_token_id=50256,
+        eos_token_id=50256,
+    )
+
+
+@torch.no_grad()
+def mean_loss(model, blocks: torch.Tensor, batch_size: int = 32) -> float:
+    model.eval()
+    losses = [model(input_ids=b, labels=b).loss.item() for b in blocks.split(batch_size)]
+    model.train()
+    return float(sum(losses) / max(len(losses), 1))
+
+
+def train_sft_policy(folder: Path, config: SFTConfig | None = None, progress: bool = True) -> dict:
+    """Train the laptop SFT policy and save model, tokenizer and ``sft_metrics.json`` to ``folder``."""
+    from tqdm.auto import tqdm
+    from transformers import GPT2LMHeadModel
+
+    config = config or SFTConfig()
+    torch.manual_seed(config.seed)
+    tokenizer = assets.gpt2_tokenizer()
+    texts = review_snippets()
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(config.seed)).tolist()
+    texts = [texts[i] for i in order]
+    train_blocks = pack_blocks(texts[config.held_out:], tokenizer, config.block_size)
+    held_out_blocks = pack_blocks(texts[: config.held_out], tokenizer, config.block_size)
+    model = GPT2LMHeadModel(small_gpt2_config(config, len(tokenizer)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+
+    def lr_factor(step: int) -> float:  # linear warm-up then cosine decay (GPT-2 / nanoGPT schedule)
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress_ = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    generator = torch.Generator().manual_seed(config.seed)
+    started, losses = time.time(), []
+    bar = tqdm(range(config.steps), desc="SFT policy", disable=not progress)
+    for step in bar:
+        batch = train_blocks[torch.randint(len(train_blocks), (config.batch_size,), generator=generator)]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    held_out_loss = mean_loss(model, held_out_blocks)
+    metrics = {
+        "config": asdict(config),
+        "train_snippets": len(texts) - config.held_out,
+        "train_tokens": int(train_blocks.numel()),
+        "tokens_seen": config.steps * config.batch_size * config.block_size,
+        "final_train_loss": float(sum(losses[-20:]) / len(losses[-20:])),
+        "held_out_loss": held_out_loss,
+        "held_out_perplexity": math.exp(held_out_loss),
+        "train_seconds": time.time() - started,
+        "losses": losses,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    model.save_pretrained(str(folder), safe_serialization=True)
+    tokenizer.save_pretrained(str(folder))
+    (Path(folder) / "sft_metrics.json").write_text(json.dumps(metrics, indent=1))
+    print(
+        f"SFT policy: {metrics['parameters'] / 1e6:.1f}M parameters, {config.steps} steps, "
+        f"held-out loss {held_out_loss:.3f} (perplexity {metrics['held_out_perplexity']:.0f})",
+        flush=True,
+    )
+    return metrics
+
+
+def sft_policy_path() -> Path:
+    """Folder of the PPO starting policy: built on first use (laptop) or ``lvwerra/gpt2-imdb`` (full)."""
+    if current_profile().is_full:
+        require_hub(f"the SFT policy '{FULL_PROFILE_POLICY}'")
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(FULL_PROFILE_POLICY))
+    return assets.cached_build(SFT_ASSET, lambda folder: train_sft_policy(folder), version=SFT_VERSION)
+
+
+def sft_metrics() -> dict | None:
+    """The laptop SFT policy's training metrics (None in the full profile)."""
+    path = sft_policy_path() / "sft_metrics.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def load_sft_policy(device: torch.device | str = "cpu"):
+    """``(model, tokenizer)`` for the PPO starting policy; the tokenizer is GPT-2's, pad = eos."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(sft_policy_path())).to(device)
+    return model, assets.gpt2_tokenizer()

@@ -1,0 +1,182 @@
+"""PPO pieces against hand-computed values, plus a 2-step smoke run on a tiny GPT-2."""
+
+import random
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from rlhf_course import assets, ppo
+
+EOS = 50256
+
+
+def tiny_lm(seed=0, n_embd=32):
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=n_embd, n_head=2, n_positions=64)).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return assets.gpt2_tokenizer()
+
+
+def test_gae_matches_hand_computed_example():
+    rewards = torch.tensor([[0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7]])
+    advantages, returns = ppo.compute_gae(rewards, values, torch.ones(1, 3), gamma=1.0, lam=0.95)
+    # t=2: 1 - 0.7 = 0.3 ; t=1: (0.7 - 0.6) + 0.95*0.3 = 0.385 ; t=0: (0.6 - 0.5) + 0.95*0.385 = 0.46575
+    assert torch.allclose(advantages, torch.tensor([[0.46575, 0.385, 0.3]]))
+    assert torch.allclose(returns, torch.tensor([[0.96575, 0.985, 1.0]]))
+
+
+def test_gae_with_discount_and_padding_ignores_positions_after_the_end():
+    rewards = torch.tensor([[0.0, 2.0, 99.0]])
+    values = torch.tensor([[1.0, 0.5, 42.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    advantages, returns = ppo.compute_gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    # t=1 is the last real token: 2 + 0.9*0 - 0.5 = 1.5 ; t=0: 0 + 0.9*0.5 - 1 + 0.9*0.5*1.5 = 0.125
+    assert torch.allclose(advantages, torch.tensor([[0.125, 1.5, 0.0]]))
+    assert torch.allclose(returns, torch.tensor([[1.125, 2.0, 0.0]]))
+
+
+def test_per_token_rewards_put_the_score_on_the_last_real_token():
+    logprobs = torch.tensor([[-1.0, -1.0, -1.0], [-1.0, -2.0, -3.0]])
+    ref = torch.tensor([[-1.5, -1.0, -1.0], [-1.0, -1.0, -1.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    rewards, kl = ppo.per_token_rewards(torch.tensor([3.0, -1.0]), logprobs, ref, mask, kl_coef=0.1)
+    assert torch.allclose(rewards, torch.tensor([[-0.05, 3.0, 0.0], [0.0, 0.1, 0.2 - 1.0]]))
+
+
+def test_clipped_policy_loss_is_pessimistic():
+    old = torch.zeros(1, 2)
+    new = torch.log(torch.tensor([[1.5, 1.5]])).requires_grad_()
+    mask = torch.ones(1, 2)
+    # positive advantage: ratio 1.5 is clipped to 1.2 and the gradient vanishes
+    loss, clip_fraction, _ = ppo.clipped_policy_loss(new, old, torch.tensor([[1.0, 1.0]]), mask, 0.2)
+    assert loss.item() == pytest.approx(-1.2)
+    assert clip_fraction.item() == 1.0
+    loss.backward()
+    assert torch.all(new.grad == 0)
+    # negative advantage: the unclipped (worse) term 1.5 wins and keeps its gradient
+    new.grad = None
+    loss, clip_fraction, _ = ppo.clipped_policy_loss(new, old, torch.tensor([[-2.0, -2.0]]), mask, 0.2)
+    assert loss.item() == pytest.approx(3.0)
+    assert clip_fraction.item() == 0.0
+    loss.backward()
+    assert torch.all(new.grad != 0)
+
+
+def test_clipped_policy_loss_ignores_masked_tokens():
+    old = torch.zeros(1, 2)
+    new = torch.tensor([[0.0, 5.0]])
+    loss, _, approx_kl = ppo.clipped_policy_loss(new, old, torch.tensor([[1.0, 100.0]]), torch.tensor([[1.0, 0.0]]), 0.2)
+    assert loss.item() == pytest.approx(-1.0)
+    assert approx_kl.item() == pytest.approx(0.0)
+
+
+def test_clipped_value_loss():
+    old = torch.tensor([[0.0, 0.0]])
+    new = torch.tensor([[1.0, 0.1]])
+    returns = torch.tensor([[1.0, 1.0]])
+    loss, clip_fraction = ppo.clipped_value_loss(new, old, returns, torch.ones(1, 2), 0.2)
+    # token 0: unclipped error 0, clipped value 0.2 -> error 0.64 (max wins); token 1: 0.81 both ways
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 0.81) / 2)
+    assert clip_fraction.item() == pytest.approx(0.5)
+
+
+def test_masked_whiten():
+    values = torch.tensor([[1.0, 2.0, 3.0, 1000.0], [4.0, 5.0, 0.0, -1000.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    whitened = ppo.masked_whiten(values, mask)
+    real = whitened[mask.bool()]
+    assert real.mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert real.var(unbiased=True).item() == pytest.approx(1.0, abs=1e-4)
+    assert torch.all(whitened[~mask.bool()] == 0)
+    with pytest.raises(ValueError, match="at least 2"):
+        ppo.masked_whiten(values, torch.zeros_like(mask).index_fill_(1, torch.tensor([0]), 0))
+
+
+def test_response_mask_stops_after_first_eos_and_budget():
+    ids = torch.tensor([[5, EOS, EOS, 7], [5, 6, 7, 8], [EOS, 1, 2, 3]])
+    assert ppo.response_mask_after_eos(ids, EOS).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    budgets = torch.tensor([4, 3, 4])
+    assert ppo.response_mask_after_eos(ids, EOS, budgets).tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]]
+    assert ppo.response_mask_after_eos(ids, None, budgets).tolist() == [[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]]
+
+
+def eos_loving_lm():
+    """A tiny GPT-2 whose every next-token distribution puts almost all mass on EOS."""
+    lm = tiny_lm()
+    with torch.no_grad():
+        lm.transformer.ln_f.weight.zero_()
+        lm.transformer.ln_f.bias.fill_(1.0)
+        lm.transformer.wte.weight[EOS].fill_(10.0)  # tied head: EOS logit = 10 * 32
+    return lm
+
+
+def test_generation_stops_at_eos_unless_forced(tokenizer):
+    lm = eos_loving_lm()
+    queries = [[464, 3807], [40, 1842, 428, 3807, 13]]
+    config = ppo.PPOConfig(batch_size=2, mini_batch_size=2)
+    _, _, response_ids, mask = ppo.generate_batch(lm, queries, tokenizer, config, random.Random(0))
+    assert mask.sum(1).tolist() == [1, 1]  # EOS at once, and it is the only trained token
+    forced = ppo.PPOConfig(batch_size=2, mini_batch_size=2, force_max_length=True)
+    _, _, response_ids, mask = ppo.generate_batch(lm, queries, tokenizer, forced, random.Random(0))
+    budgets = [ppo.length_sampler(4, 16, r) for r in [random.Random(0)] for _ in range(2)]
+    assert mask.sum(1).tolist() == budgets
+    assert not (response_ids[mask.bool()] == EOS).any()
+
+
+def test_left_padded_logprobs_match_unpadded(tokenizer):
+    policy = ppo.PolicyWithValueHead(tiny_lm())
+    queries = [[464, 3807], [40, 1842, 428, 3807, 13]]
+    query_ids, query_mask = ppo.left_pad(queries, EOS)
+    response_ids = torch.tensor([[318, 922, 13], [318, 257, 13]])
+    response_mask = torch.ones_like(response_ids)
+    with torch.no_grad():
+        logits, values = ppo.forward_response(policy, query_ids, query_mask, response_ids, response_mask, with_values=True)
+        batched = ppo.logprobs_of(logits, response_ids)
+        for row, query in enumerate(queries):
+            ids = torch.tensor([query + response_ids[row].tolist()])
+            alone = policy.lm(input_ids=ids).logits[:, len(query) - 1:-1]
+            assert torch.allclose(batched[row], ppo.logprobs_of(alone, response_ids[row:row + 1])[0], atol=1e-5)
+    assert values.shape == response_ids.shape
+
+
+def test_two_ppo_steps_change_the_parameters(tokenizer):
+    lm = tiny_lm()
+    policy, reference = ppo.PolicyWithValueHead(lm), ppo.frozen_reference(lm)
+    before = {name: p.detach().clone() for name, p in policy.named_parameters()}
+    config = ppo.PPOConfig(steps=2, batch_size=4, mini_batch_size=2, ppo_epochs=2, learning_rate=1e-3,
+                           forward_batch_size=2, entropy_coef=0.01, scale_rewards=True, max_grad_norm=1.0)
+    queries = ppo.make_queries(["A gripping film about love", "Dull and far too long", "The cast is superb",
+                                "I left halfway through"], tokenizer, config)
+    seen = []
+    history = ppo.train_ppo(config, policy, reference, tokenizer, lambda texts: torch.tensor([len(t) / 10 for t in texts]),
+                            queries, callback=lambda step, metrics, history: seen.append(step), progress=False)
+    assert seen == [0, 1] and len(history) == 2
+    for key in ("reward_mean", "kl", "policy_loss", "value_loss", "entropy", "response_length", "return_mean"):
+        assert all(torch.isfinite(torch.tensor(h[key])) for h in history), key
+    changed = [n for n, p in policy.named_parameters() if not torch.equal(p, before[n])]
+    assert "v_head.weight" in changed and any(n.startswith("lm.transformer.h.0") for n in changed)
+    for name, p in reference.named_parameters():  # the reference stays frozen at the start point
+        assert torch.equal(p, before["lm." + name]), name
+    assert all(not p.requires_grad for p in reference.parameters())
+
+
+def test_policy_save_and_load_round_trip(tmp_path, tokenizer):
+    policy = ppo.PolicyWithValueHead(tiny_lm())
+    policy.save(tmp_path / "tuned", tokenizer)
+    loaded = ppo.PolicyWithValueHead.load(tmp_path / "tuned")
+    for (name, a), (_, b) in zip(policy.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_config_validation_names_the_setting():
+    with pytest.raises(ValueError, match="mini_batch_size"):
+        ppo.PPOConfig(batch_size=10, mini_batch_size=4).validate()
+    laptop = ppo.PPOConfig.for_profile(ppo.Profile("laptop"))
+    full = ppo.PPOConfig.for_profile(ppo.Profile("full"))
+    assert full.learning_rate == 1.41e-5 and full.batch_size == 128
+    assert laptop.batch_size < full.batch_size
