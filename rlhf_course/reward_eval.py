@@ -1,0 +1,135 @@
+"""Evaluating a reward model on held-out preference pairs, and what accuracy does not show.
+
+* Pairwise accuracy and the mean chosen / rejected scores, printed in DeepSpeed-Chat step 2's
+  evaluation log style (``chosen_last_scores (higher is better) : ...``).
+* The reward margin ``r_chosen - r_rejected`` per pair (its histogram), accuracy by language and
+  by source, the best and worst scored pairs.
+* The "always prefer the longer answer" baseline: reward models are known to lean on length
+  (Singhal et al. 2023, "A Long Way to Go: Investigating Length Correlations in RLHF"), so a
+  model's accuracy means little until it beats what length alone gets.
+* The seeds' full-profile reference figures, for a table beside the laptop figures.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+
+# Reference figures reported by the seeds (full profile, on the hub data sets).
+SEED_REFERENCES = [
+    {"run": "ColossalAI (Coati) bloom-560m reward model", "data": "Anthropic/hh-rlhf", "accuracy": 0.619},
+    {"run": "DeepSpeed-Chat step 2 reward model", "data": "hh-rlhf family (Dahoas/rm-static ...)", "accuracy": 0.79},
+]
+
+
+@torch.no_grad()
+def score_texts(model, tokenizer, texts, batch_size: int = 32, max_length: int | None = None,
+                progress: bool = False) -> torch.Tensor:
+    """Scalar reward for each text (right padding, the head reads the last non-pad token)."""
+    model.eval()
+    device = next(model.parameters()).device
+    scores = []
+    starts = range(0, len(texts), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="scoring", leave=False)
+    for start in starts:
+        batch = tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=max_length is not None,
+                          max_length=max_length, return_tensors="pt").to(device)
+        scores.append(model(**batch).logits.squeeze(-1).float().cpu())
+    return torch.cat(scores) if scores else torch.empty(0)
+
+
+def score_pairs(model, tokenizer, frame: pd.DataFrame, batch_size: int = 32, max_length: int | None = None,
+                progress: bool = False) -> pd.DataFrame:
+    """Score every pair of a ``prompt``/``chosen``/``rejected`` frame; adds rewards and the margin."""
+    frame = pd.DataFrame(frame).reset_index(drop=True)
+    texts = list(frame["prompt"] + frame["chosen"]) + list(frame["prompt"] + frame["rejected"])
+    rewards = score_texts(model, tokenizer, texts, batch_size, max_length, progress).numpy()
+    n = len(frame)
+    scored = frame.copy()
+    scored["chosen_reward"] = rewards[:n]
+    scored["rejected_reward"] = rewards[n:]
+    scored["margin"] = scored["chosen_reward"] - scored["rejected_reward"]
+    scored["correct"] = scored["margin"] > 0
+    return scored
+
+
+def summary(scored: pd.DataFrame) -> dict:
+    """Accuracy and the mean scores (the figures DeepSpeed-Chat logs after each epoch)."""
+    return {
+        "pairs": int(len(scored)),
+        "accuracy": float(scored["correct"].mean()),
+        "chosen_mean": float(scored["chosen_reward"].mean()),
+        "rejected_mean": float(scored["rejected_reward"].mean()),
+        "margin_mean": float(scored["margin"].mean()),
+    }
+
+
+def deepspeed_log_line(scored: pd.DataFrame, digits: int = 4) -> str:
+    """One line in the style of DeepSpeed-Chat step 2's evaluation printout."""
+    s = summary(scored)
+    return (f"chosen_last_scores (higher is better) : {s['chosen_mean']:.{digits}f}, "
+            f"rejected_last_scores (lower is better) : {s['rejected_mean']:.{digits}f}, "
+            f"acc (higher is better) : {s['accuracy']:.{digits}f}")
+
+
+def longer_answer_baseline(frame: pd.DataFrame, tokenizer=None) -> dict:
+    """Accuracy of "prefer the longer reply" (in tokens if a tokenizer is given, else characters).
+
+    Ties (equal length) count as half right, as a coin flip would.
+    """
+    if tokenizer is not None:
+        length = lambda texts: pd.Series([len(tokenizer(t)["input_ids"]) for t in texts])  # noqa: E731
+    else:
+        length = lambda texts: pd.Series([len(t) for t in texts])  # noqa: E731
+    chosen, rejected = length(list(frame["chosen"])), length(list(frame["rejected"]))
+    longer = (chosen > rejected).astype(float) + 0.5 * (chosen == rejected).astype(float)
+    return {"accuracy": float(longer.mean()), "chosen_longer": float((chosen > rejected).mean()),
+            "ties": float((chosen == rejected).mean())}
+
+
+def accuracy_by(scored: pd.DataFrame, column: str = "language") -> pd.DataFrame:
+    """Accuracy, pair count and mean margin per value of ``column``."""
+    grouped = scored.groupby(column)
+    return pd.DataFrame({"pairs": grouped.size(), "accuracy": grouped["correct"].mean(),
+                         "margin_mean": grouped["margin"].mean()})
+
+
+def best_and_worst(scored: pd.DataFrame, k: int = 3, width: int = 70) -> pd.DataFrame:
+    """The ``k`` pairs with the largest and the ``k`` with the smallest (most wrong) margin."""
+    ordered = scored.sort_values("margin", ascending=False)
+    picked = pd.concat([ordered.head(k).assign(which="best"), ordered.tail(k).assign(which="worst")])
+
+    def short(text):
+        text = " ".join(str(text).split())
+        return text if len(text) <= width else text[: width - 1] + "…"
+
+    return pd.DataFrame({
+        "which": picked["which"], "prompt": picked["prompt"].map(short),
+        "chosen": picked["chosen"].map(short), "rejected": picked["rejected"].map(short),
+        "margin": picked["margin"].round(3),
+    }).reset_index(drop=True)
+
+
+def reference_table(laptop_rows: list[dict]) -> pd.DataFrame:
+    """The laptop runs' figures (computed now) beside the seeds' full-profile references."""
+    rows = [{"profile": "laptop (this run)", **row} for row in laptop_rows]
+    rows += [{"profile": "full (seed's report)", **row} for row in SEED_REFERENCES]
+    return pd.DataFrame(rows, columns=["profile", "run", "data", "accuracy"])
+
+
+def plot_margins(scored_by_name: dict, ax=None, bins: int = 30):
+    """Histogram of ``r_chosen - r_rejected`` per model; right of zero is a correct ranking."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3.5))
+    for name, scored in scored_by_name.items():
+        ax.hist(scored["margin"], bins=bins, alpha=0.55, label=f"{name} (acc {scored['correct'].mean():.2f})")
+    ax.axvline(0, color="black", linewidth=1)
+    ax.set_xlabel("reward margin  r(chosen) - r(rejected)")
+    ax.set_ylabel("pairs")
+    ax.legend()
+    return ax

@@ -1,0 +1,350 @@
+"""Training a reward model with LoRA, two ways: TRL's ``RewardTrainer`` and the seed's own Trainer.
+
+A reward model here is a causal LM with a scalar head, ``AutoModelForSequenceClassification(
+num_labels=1)``: the head reads the hidden state of the last non-pad token (InstructGPT, Ouyang et
+al. 2022; DeepSpeed-Chat step 2 reads the same position).  It is trained on pairs with the
+pairwise loss ``-log sigma(r_chosen - r_rejected)`` (``rlhf_course.losses.log_sig_loss``).
+
+* The library way: ``trl.RewardTrainer`` (TRL 1.16) with a PEFT ``LoraConfig``.
+* The hand-written way of the Qwen2 LoRA seed (itself following TRL's StackLLaMA reward script):
+  a data set with ``input_ids_j``/``input_ids_k`` columns, ``PairwiseRewardCollator`` padding the
+  j (chosen) and k (rejected) sides separately, and ``PairwiseRewardTrainer.compute_loss`` running
+  the model twice and applying the pairwise loss.
+* LoRA (Hu et al. 2021) through PEFT: r=4, alpha=32, dropout 0.1 on the q/k/v projections, with
+  the freshly initialised ``score`` head trained in full (``modules_to_save``).  QLoRA-style 4-bit
+  loading (Dettmers et al. 2023) only where CUDA and bitsandbytes exist.
+
+``RewardTrainingConfig`` holds every hyper-parameter; ``rlhf_course.train_reward`` is the script.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from rlhf_course.losses import log_sig_loss
+from rlhf_course.profiles import Profile, current_profile, require_hub
+
+# Short names for the base models; the full-profile ones are the seeds' hub ids.
+BASE_MODELS = {
+    "smollm2": "SmolLM2-135M-Instruct (packaged, laptop)",
+    "qwen2-0.5b": "Qwen/Qwen2-0.5B",
+    "bloom-560m": "bigscience/bloom-560m",
+}
+# LoRA target modules per architecture: Llama/Qwen2 have separate q/k/v projections, BLOOM a fused one.
+LORA_TARGETS = {
+    "llama": ("q_proj", "k_proj", "v_proj"),
+    "qwen2": ("q_proj", "k_proj", "v_proj"),
+    "bloom": ("query_key_value",),
+}
+MODEL_CARD = "reward_model.json"
+
+
+@dataclass
+class RewardTrainingConfig:
+    """Every setting of a reward-model run; defaults are the laptop profile's."""
+
+    profile: str = "laptop"
+    language: str = "en"  # en | zh | bilingual
+    trainer: str = "trl"  # trl | pairwise
+    base_model: str = "smollm2"  # smollm2 | qwen2-0.5b | bloom-560m
+    train_size: int | None = 256  # pairs per language (None: all)
+    test_size: int | None = 128
+    max_length: int = 96  # tokens per prompt + reply
+    epochs: float = 1.0
+    batch_size: int = 8  # pairs per step
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 3e-4
+    warmup_ratio: float = 0.0
+    lr_scheduler: str = "linear"
+    weight_decay: float = 0.0
+    lora_r: int = 4
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    lora_targets: tuple[str, ...] | None = None  # None: by architecture (LORA_TARGETS)
+    lora_last_layers: int | None = 10  # LoRA only in the top N layers (None: all layers)
+    load_in_4bit: bool = False
+    logging_steps: int = 4
+    seed: int = 0
+    extra: dict = field(default_factory=dict)  # anything else, recorded with the model
+
+    @classmethod
+    def for_profile(cls, profile: Profile | str | None = None, **overrides) -> "RewardTrainingConfig":
+        """Defaults for ``profile``: laptop (SmolLM2, CPU) or full (Qwen2-0.5B, 4-bit, GPU)."""
+        profile = profile if isinstance(profile, Profile) else Profile(profile) if profile else current_profile()
+        if profile.is_full:
+            base = dict(profile="full", base_model="qwen2-0.5b", train_size=None, test_size=None,
+                        max_length=512, batch_size=8, gradient_accumulation_steps=4, learning_rate=1e-4,
+                        warmup_ratio=0.03, lora_last_layers=None, load_in_4bit=True, logging_steps=20)
+        else:
+            base = dict(profile="laptop")
+        base.update(overrides)
+        unknown = set(base) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown RewardTrainingConfig settings: {sorted(unknown)}")
+        return cls(**base)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["lora_targets"] = list(self.lora_targets) if self.lora_targets else None
+        return data
+
+
+# ----------------------------------------------------------------------------- model and tokenizer
+
+
+def can_load_in_4bit() -> tuple[bool, str]:
+    """(possible, why not): 4-bit weights need a CUDA GPU and the bitsandbytes package."""
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU on this machine"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return False, "bitsandbytes is not installed (pip install bitsandbytes)"
+    return True, ""
+
+
+def base_model_source(name: str) -> str:
+    """A local folder (laptop) or hub id (full) for a short base-model name, or a local folder."""
+    if Path(name).is_dir():
+        return str(name)
+    if name == "smollm2":
+        from rlhf_course import assets
+
+        return str(assets.smollm2_path())
+    if name not in BASE_MODELS:
+        raise ValueError(f"base_model={name!r} is not known; use one of {sorted(BASE_MODELS)} "
+                         "or the path of a local model folder")
+    require_hub(f"the base model '{BASE_MODELS[name]}'")
+    return BASE_MODELS[name]
+
+
+def load_tokenizer(name: str):
+    """The base model's tokenizer, right-padded, with a pad token (eos when it has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model_source(name))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_reward_base(name: str, tokenizer, load_in_4bit: bool = False, verbose: bool = True):
+    """``AutoModelForSequenceClassification(num_labels=1)`` on the base LM, ``pad_token_id`` set.
+
+    The head reads the last token that is not ``pad_token_id``; without it set, a batch of more
+    than one sequence fails, and with pad == eos (SmolLM2, GPT-2) an appended eos is skipped.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    kwargs = {"num_labels": 1, "dtype": torch.float32}
+    if load_in_4bit:
+        possible, why_not = can_load_in_4bit()
+        if possible:
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+            kwargs["dtype"] = torch.bfloat16
+        else:
+            load_in_4bit = False
+            if verbose:
+                print(f"Note: 4-bit loading skipped ({why_not}); loading full-precision weights instead.")
+    model = AutoModelForSequenceClassification.from_pretrained(base_model_source(name), **kwargs)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model)
+    return model
+
+
+def lora_config(config: RewardTrainingConfig, model):
+    """PEFT LoRA on q/k/v (per architecture) with the ``score`` head trained in full."""
+    from peft import LoraConfig, TaskType
+
+    model_type = model.config.model_type
+    targets = config.lora_targets or LORA_TARGETS.get(model_type)
+    if targets is None:
+        raise ValueError(f"no default LoRA targets for model type {model_type!r}; set lora_targets")
+    layers = None
+    if config.lora_last_layers is not None:
+        n_layers = model.config.num_hidden_layers
+        layers = list(range(max(0, n_layers - config.lora_last_layers), n_layers))
+    return LoraConfig(
+        task_type=TaskType.SEQ_CLS, r=config.lora_r, lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout, target_modules=list(targets),
+        layers_to_transform=layers,  # laptop: only the top layers, so backprop stops there
+        modules_to_save=["score"],  # the new scalar head is trained in full, not through LoRA
+    )
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- the hand-written way
+
+
+@dataclass
+class PairwiseRewardCollator:
+    """Pads the chosen (j) and rejected (k) sides separately, as the seed's collator did.
+
+    Each feature holds ``input_ids_j``, ``attention_mask_j``, ``input_ids_k``, ``attention_mask_k``;
+    any other column (``length``, ``language``) is ignored.
+    """
+
+    tokenizer: object
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: list[dict]) -> dict:
+        batch = {}
+        for side in ("j", "k"):
+            padded = self.tokenizer.pad(
+                [{"input_ids": f[f"input_ids_{side}"], "attention_mask": f[f"attention_mask_{side}"]}
+                 for f in features],
+                padding=True, pad_to_multiple_of=self.pad_to_multiple_of, return_tensors="pt")
+            batch[f"input_ids_{side}"] = padded["input_ids"]
+            batch[f"attention_mask_{side}"] = padded["attention_mask"]
+        batch["return_loss"] = True
+        return batch
+
+
+class PairwiseRewardTrainer(Trainer):
+    """The seed's Trainer subclass: two forward passes, then the pairwise log-sigmoid loss."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        rewards_j = model(input_ids=inputs["input_ids_j"], attention_mask=inputs["attention_mask_j"]).logits
+        rewards_k = model(input_ids=inputs["input_ids_k"], attention_mask=inputs["attention_mask_k"]).logits
+        loss = log_sig_loss(rewards_j.squeeze(-1), rewards_k.squeeze(-1))
+        if return_outputs:
+            return loss, {"rewards_j": rewards_j, "rewards_k": rewards_k}
+        return loss
+
+
+def add_length_column(dataset, name: str = "length"):
+    """The ``group_by_length`` fix: give the length grouper a precomputed length per pair.
+
+    Transformers' ``LengthGroupedSampler`` measures ``input_ids`` unless the data set has a
+    ``length`` column (``TrainingArguments.length_column_name``); pairwise data has no
+    ``input_ids``, only ``input_ids_j``/``input_ids_k``, so it cannot measure anything.
+    """
+    return dataset.map(lambda row: {name: max(len(row["input_ids_j"]), len(row["input_ids_k"]))})
+
+
+def _common_args(config: RewardTrainingConfig, output_dir) -> dict:
+    cpu = not torch.cuda.is_available()
+    return dict(
+        output_dir=str(output_dir), seed=config.seed, data_seed=config.seed,
+        num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate, warmup_steps=config.warmup_ratio,  # a float < 1 is a fraction of the steps
+        lr_scheduler_type=config.lr_scheduler, weight_decay=config.weight_decay,
+        logging_steps=config.logging_steps, save_strategy="no", eval_strategy="no", report_to="none",
+        use_cpu=cpu, bf16=(not cpu) and torch.cuda.is_bf16_supported(), gradient_checkpointing=False,
+        dataloader_num_workers=0,
+    )
+
+
+def pairwise_training_args(config: RewardTrainingConfig, output_dir, **overrides) -> TrainingArguments:
+    """TrainingArguments for ``PairwiseRewardTrainer``.
+
+    ``remove_unused_columns=False``: otherwise the Trainer drops every column that is not an
+    argument of ``model.forward`` - all four j/k columns - and the batches arrive empty.
+    """
+    args = _common_args(config, output_dir)
+    args.update(remove_unused_columns=False, label_names=[])
+    args.update(overrides)
+    return TrainingArguments(**args)
+
+
+def pairwise_trainer(model, tokenizer, train_dataset, config: RewardTrainingConfig, output_dir,
+                     **overrides) -> PairwiseRewardTrainer:
+    """The hand-written way: a LoRA model (wrapped here) and a j/k-tokenised data set."""
+    from peft import PeftModel, get_peft_model
+
+    if not isinstance(model, PeftModel):
+        model = get_peft_model(model, lora_config(config, model))
+    return PairwiseRewardTrainer(
+        model=model, args=pairwise_training_args(config, output_dir, **overrides),
+        train_dataset=train_dataset, data_collator=PairwiseRewardCollator(tokenizer),
+        processing_class=tokenizer)
+
+
+# ----------------------------------------------------------------------------- the library way
+
+
+def trl_reward_config(config: RewardTrainingConfig, output_dir, **overrides):
+    """TRL ``RewardConfig``; ``disable_dropout=False`` keeps LoRA's dropout of 0.1 (TRL's default
+    would zero every dropout module, LoRA's included)."""
+    from trl import RewardConfig
+
+    args = _common_args(config, output_dir)
+    args.update(max_length=config.max_length, disable_dropout=False)
+    args.update(overrides)
+    return RewardConfig(**args)
+
+
+def trl_trainer(model, tokenizer, train_dataset, config: RewardTrainingConfig, output_dir, **overrides):
+    """The library way: TRL's RewardTrainer on ``prompt``/``chosen``/``rejected`` text columns.
+
+    TRL appends eos, tokenises ``prompt + chosen`` and ``prompt + rejected``, drops pairs longer
+    than ``max_length``, and wraps the model with ``peft_config``.
+    """
+    from trl import RewardTrainer
+
+    columns = [c for c in train_dataset.column_names if c not in ("prompt", "chosen", "rejected")]
+    return RewardTrainer(
+        model=model, args=trl_reward_config(config, output_dir, **overrides),
+        train_dataset=train_dataset.remove_columns(columns), processing_class=tokenizer,
+        peft_config=lora_config(config, model))
+
+
+def training_log(trainer) -> list[dict]:
+    """The loss/accuracy lines the Trainer logged, without the final summary line."""
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+# ----------------------------------------------------------------------------- save and reload
+
+
+def save_reward_model(model, tokenizer, folder, config: RewardTrainingConfig, metrics: dict | None = None):
+    """Save the LoRA adapter and score head (a few MB), the tokenizer, and a small model card."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    card = {"base_model": config.base_model, "config": config.to_dict(), "metrics": metrics or {}}
+    (folder / MODEL_CARD).write_text(json.dumps(card, indent=2, ensure_ascii=False))
+    return folder
+
+
+def read_model_card(folder) -> dict:
+    path = Path(folder) / MODEL_CARD
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: {folder} was not written by save_reward_model")
+    return json.loads(path.read_text())
+
+
+def load_reward_model(folder, merge: bool = True):
+    """Reload a saved reward model: base model + adapter (+ score head), merged for fast scoring.
+
+    Returns ``(model, tokenizer)`` with the model in eval mode.
+    """
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    card = read_model_card(folder)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    base = load_reward_base(card["base_model"], tokenizer, load_in_4bit=False, verbose=False)
+    model = PeftModel.from_pretrained(base, str(folder))
+    if merge:
+        model = model.merge_and_unload()
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer

@@ -1,0 +1,160 @@
+"""Script entry point: train a LoRA reward model and evaluate it on held-out pairs.
+
+    python -m rlhf_course.train_reward --profile laptop --language en --trainer trl --output-dir out/rm-en
+    python -m rlhf_course.train_reward --profile full --language bilingual --base-model qwen2-0.5b ...
+    accelerate launch -m rlhf_course.train_reward --profile full ...   (a cluster, later)
+
+Notebooks 04 and 05 call the same ``run(config)`` (or ``cached_run``), so a notebook run and a
+script run are one code path.  ``main(argv)`` only parses arguments into a ``RewardTrainingConfig``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlhf_course import data, reward_eval
+from rlhf_course.profiles import Profile, seed_everything
+from rlhf_course.reward_training import (
+    RewardTrainingConfig,
+    load_reward_base,
+    load_reward_model,
+    load_tokenizer,
+    pairwise_trainer,
+    read_model_card,
+    save_reward_model,
+    trainable_parameters,
+    training_log,
+    trl_trainer,
+)
+
+TRAIN_LOG = "train_log.json"
+TEST_SCORES = "test_scores.csv"
+
+
+@dataclass
+class RunResult:
+    """What a run left in ``folder``: the model, its training log and held-out figures."""
+
+    folder: Path
+    config: RewardTrainingConfig
+    metrics: dict
+    log: list
+
+    @classmethod
+    def from_folder(cls, folder) -> "RunResult":
+        folder = Path(folder)
+        card = read_model_card(folder)
+        config = RewardTrainingConfig(**{**card["config"], "lora_targets": tuple(card["config"]["lora_targets"] or ()) or None})
+        log = json.loads((folder / TRAIN_LOG).read_text()) if (folder / TRAIN_LOG).exists() else []
+        return cls(folder, config, card["metrics"], log)
+
+    def load(self):
+        """``(model, tokenizer)``, ready to score text."""
+        return load_reward_model(self.folder)
+
+    def test_scores(self):
+        import pandas as pd
+
+        return pd.read_csv(self.folder / TEST_SCORES)
+
+
+def run(config: RewardTrainingConfig, output_dir, verbose: bool = True) -> RunResult:
+    """Load data and model, train with the chosen trainer, evaluate on the test pairs, save."""
+    seed_everything(config.seed)
+    output_dir = Path(output_dir)
+    profile = Profile(config.profile)
+    splits = data.preference_splits(config.language, config.train_size, config.test_size, profile=profile,
+                                    seed=config.seed, verbose=verbose)
+    train_frame, test_frame = splits.frames()
+    tokenizer = load_tokenizer(config.base_model)
+    model = load_reward_base(config.base_model, tokenizer, load_in_4bit=config.load_in_4bit, verbose=verbose)
+
+    if config.trainer == "trl":
+        from datasets import Dataset
+
+        trainer = trl_trainer(model, tokenizer, Dataset.from_pandas(train_frame), config, output_dir / "trainer")
+    elif config.trainer == "pairwise":
+        tokenized, report = data.tokenize_pairs(train_frame, tokenizer, config.max_length)
+        if verbose:
+            print(report)
+        trainer = pairwise_trainer(model, tokenizer, tokenized, config, output_dir / "trainer")
+    else:
+        raise ValueError(f"trainer={config.trainer!r} is not known; use 'trl' or 'pairwise'")
+    if verbose:
+        trainable, total = trainable_parameters(trainer.model)
+        print(f"{config.trainer} trainer | {config.base_model} | {len(train_frame)} training pairs | "
+              f"trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+
+    started = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    scored = reward_eval.score_pairs(trainer.model, tokenizer, test_frame, max_length=config.max_length)
+    metrics = {**reward_eval.summary(scored), "train_seconds": round(train_seconds, 1),
+               "eval_seconds": round(time.perf_counter() - started, 1), "train_pairs": len(train_frame)}
+    save_reward_model(trainer.model, tokenizer, output_dir, config, metrics)
+    (output_dir / TRAIN_LOG).write_text(json.dumps(training_log(trainer), indent=1))
+    scored.to_csv(output_dir / TEST_SCORES, index=False)
+    if verbose:
+        print(reward_eval.deepspeed_log_line(scored))
+    return RunResult(output_dir, config, metrics, training_log(trainer))
+
+
+def cached_run(config: RewardTrainingConfig, name: str | None = None) -> RunResult:
+    """``run`` once and keep the result in the course cache (``assets.cached_build``)."""
+    from rlhf_course import assets
+
+    name = name or f"reward-{config.language}-{config.trainer}-{config.base_model}-{config.profile}"
+    digest = f"{zlib.crc32(json.dumps(config.to_dict(), sort_keys=True).encode()):08x}"
+    folder = assets.cached_build(name, lambda tmp: run(config, tmp), version=f"1-{digest}")
+    return RunResult.from_folder(folder)
+
+
+def parse_args(argv: list[str]) -> tuple[RewardTrainingConfig, str | None]:
+    parser = argparse.ArgumentParser(prog="python -m rlhf_course.train_reward", description=__doc__.split("\n")[0])
+    parser.add_argument("--profile", choices=("laptop", "full"), default=None,
+                        help="laptop (SmolLM2, packaged data, CPU) or full (hub models and data, GPU)")
+    parser.add_argument("--output-dir", default=None, help="where to save; default: the course cache")
+    for f in dataclasses.fields(RewardTrainingConfig):
+        if f.name in ("profile", "extra"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "lora_targets":
+            parser.add_argument(flag, nargs="+", default=None)
+        elif f.name in ("train_size", "test_size", "lora_last_layers"):
+            parser.add_argument(flag, type=lambda s: None if s.lower() == "none" else int(s), default=None,
+                                help="an integer, or 'none'")
+        elif f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(str(f.type), str)
+            parser.add_argument(flag, type=kind, default=None)
+    args = parser.parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("profile", "output_dir")}
+    # Explicit "none" for optional sizes must survive the "not given" filter above.
+    for name in ("train_size", "test_size", "lora_last_layers"):
+        if f"--{name.replace('_', '-')}" in argv and getattr(args, name) is None:
+            given[name] = None
+    if "lora_targets" in given:
+        given["lora_targets"] = tuple(given["lora_targets"])
+    return RewardTrainingConfig.for_profile(args.profile, **given), args.output_dir
+
+
+def main(argv: list[str] | None = None) -> RunResult:
+    """Parse ``argv`` into a config and run it (into ``--output-dir``, or cached)."""
+    config, output_dir = parse_args(sys.argv[1:] if argv is None else argv)
+    result = run(config, output_dir) if output_dir else cached_run(config)
+    print(json.dumps({"folder": str(result.folder), **result.metrics}, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

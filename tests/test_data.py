@@ -1,0 +1,159 @@
+"""Tests for rlhf_course.data: both schemas' parsers, every bad-input case, loaders' counts."""
+
+import pytest
+
+from rlhf_course import assets, data
+from rlhf_course.data import PreferenceDataError
+
+HH_CHOSEN = ("\n\nHuman: What is a reward model?\n\nAssistant: A model that scores replies."
+             "\n\nHuman: Why train one?\n\nAssistant: To turn human comparisons into a training signal.")
+HH_REJECTED = ("\n\nHuman: What is a reward model?\n\nAssistant: A model that scores replies."
+               "\n\nHuman: Why train one?\n\nAssistant: No idea.")
+
+CN_RECORD = {
+    "context": [{"role": "human", "text": "你好"}, {"role": "assistant", "text": "你好！有什么可以帮你？"},
+                {"role": "human", "text": "推荐一本书"}],
+    "chosen": {"role": "assistant", "text": "《三体》很好看。"},
+    "rejected": {"role": "assistant", "text": "我不知道。"},
+}
+
+
+def test_parse_hh_record_splits_the_shared_prompt_from_the_two_replies():
+    pair = data.parse_hh_record({"chosen": HH_CHOSEN, "rejected": HH_REJECTED})
+    assert pair.context == (("human", "What is a reward model?"), ("assistant", "A model that scores replies."),
+                            ("human", "Why train one?"))
+    assert pair.chosen == "To turn human comparisons into a training signal."
+    assert pair.rejected == "No idea."
+    assert data.hh_transcript(pair.context, pair.chosen) == HH_CHOSEN
+
+
+def test_parse_hh_transcript_keeps_tags_inside_text_apart_from_turns():
+    turns = data.parse_hh_transcript("\n\nHuman: say 'Assistant' please\n\nAssistant: Assistant")
+    assert turns == [("human", "say 'Assistant' please"), ("assistant", "Assistant")]
+
+
+def test_parse_hh_cn_record_and_merge_with_templates():
+    pair = data.parse_hh_cn_record(CN_RECORD)
+    assert pair.context[-1] == ("human", "推荐一本书") and pair.language == "zh"
+    zh = data.TEMPLATES["qa_zh"]
+    assert zh.render(pair.context, pair.chosen) == "问:你好\n\n答:你好！有什么可以帮你？\n\n问:推荐一本书\n\n答:《三体》很好看。"
+    en = data.TEMPLATES["qa_en"]
+    assert en.render((("human", "Hi?"),), "Hello.") == "Question: Hi?\n\nAnswer: Hello."
+    assert en.prompt((("human", "Hi?"),)) + en.reply("Hello.") == en.render((("human", "Hi?"),), "Hello.")
+    hh = data.TEMPLATES["hh"]
+    assert "\n\n" + hh.render(pair.context, "x") == data.hh_transcript(pair.context, "x")
+
+
+HH_BAD = [
+    ({"rejected": HH_REJECTED}, "chosen", "missing"),
+    ({"chosen": HH_CHOSEN}, "rejected", "missing"),
+    ({"chosen": 3, "rejected": HH_REJECTED}, "chosen", "expected a transcript string"),
+    ({"chosen": HH_CHOSEN, "rejected": "   "}, "rejected", "empty text"),
+    ({"chosen": HH_CHOSEN, "rejected": HH_CHOSEN}, "rejected", "identical to chosen"),
+    ({"chosen": "Hello there", "rejected": HH_REJECTED}, "chosen", "does not start with 'Human:'"),
+    ({"chosen": "\n\nHuman: hi", "rejected": HH_REJECTED}, "chosen", "does not end with an 'Assistant:' turn"),
+    ({"chosen": "\n\nHuman: hi\n\nAssistant:", "rejected": HH_REJECTED}, "chosen", "empty text"),
+    ({"chosen": HH_CHOSEN, "rejected": "\n\nHuman: other\n\nAssistant: No idea."}, "rejected", "differs"),
+    ("not a dict", "(record)", "expected a dict"),
+]
+
+
+@pytest.mark.parametrize("record, field_name, reason", HH_BAD)
+def test_bad_hh_records_name_the_record_and_field(record, field_name, reason):
+    with pytest.raises(PreferenceDataError) as caught:
+        data.parse_hh_record(record, index=7)
+    assert caught.value.record == 7 and caught.value.field == field_name
+    assert reason in str(caught.value) and "record 7" in str(caught.value)
+
+
+def _cn(**changes):
+    record = {key: value for key, value in CN_RECORD.items()}
+    for key, value in changes.items():
+        if value is None:
+            record.pop(key)
+        else:
+            record[key] = value
+    return record
+
+
+CN_BAD = [
+    (_cn(context=None), "context", "missing"),
+    (_cn(context="你好"), "context", "expected a list"),
+    (_cn(context=[]), "context", "empty list"),
+    (_cn(context=[{"role": "human"}]), "context[0].text", "missing"),
+    (_cn(context=[{"role": "human", "text": 5}]), "context[0].text", "expected a string"),
+    (_cn(context=[{"role": "alien", "text": "hi"}]), "context[0].role", "unknown role"),
+    (_cn(context=[{"role": "assistant", "text": "hi"}]), "context[0].role", "last context turn is not human"),
+    (_cn(chosen=None), "chosen", "missing"),
+    (_cn(rejected=None), "rejected", "missing"),
+    (_cn(chosen="好"), "chosen", "expected a {role, text} dict"),
+    (_cn(rejected={"role": "assistant", "text": " "}), "rejected.text", "empty text"),
+    (_cn(rejected={"role": "assistant", "text": ["x"]}), "rejected.text", "expected a string"),
+    (_cn(rejected={"role": "assistant", "text": "《三体》很好看。"}), "rejected", "identical to chosen"),
+]
+
+
+@pytest.mark.parametrize("record, field_name, reason", CN_BAD)
+def test_bad_hh_cn_records_name_the_record_and_field(record, field_name, reason):
+    with pytest.raises(PreferenceDataError) as caught:
+        data.parse_hh_cn_record(record, index=3)
+    assert caught.value.field == field_name and reason in caught.value.reason
+    assert str(caught.value).startswith(f"record 3, field '{field_name}'")
+
+
+def test_loader_counts_kept_and_dropped_records_by_reason():
+    records = [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED}, {"chosen": HH_CHOSEN},
+               {"chosen": HH_CHOSEN, "rejected": HH_CHOSEN}, {"chosen": HH_CHOSEN},
+               {"chosen": HH_CHOSEN, "rejected": HH_REJECTED}]
+    pairs, report = data.load_preference_records(records, "hh-rlhf")
+    assert len(pairs) == report.kept == 2 and report.total == 5
+    assert report.dropped == {"rejected: missing": 2, "rejected: identical to chosen": 1}
+    assert report.first_record["rejected: missing"] == 1
+    text = str(report)
+    assert "kept 2 of 5" in text and "2 x rejected: missing (first: record 1)" in text
+    assert report.as_frame()["records"].sum() == 5
+    with pytest.raises(PreferenceDataError, match="record 1, field 'rejected'"):
+        data.load_preference_records(records, "hh-rlhf", strict=True)
+
+
+def test_cn_loader_counts_and_unknown_schema():
+    pairs, report = data.load_preference_records([CN_RECORD, _cn(context=[])], "hh_rlhf_cn")
+    assert report.kept == 1 and report.dropped == {"context: empty list": 1}
+    assert pairs[0].language == "zh"
+    with pytest.raises(ValueError, match="schema"):
+        data.load_preference_records([], "alpaca")
+
+
+def test_tokenize_pairs_drops_pairs_whose_difference_truncation_cuts_off():
+    tokenizer = assets.gpt2_tokenizer()
+    frame = data.pairs_to_frame([
+        data.PreferencePair((("human", "word " * 40),), "yes", "no"),  # difference beyond 16 tokens
+        data.PreferencePair((("human", "Hi?"),), "Hello there.", "Go away."),
+    ])
+    tokenized, report = data.tokenize_pairs(frame, tokenizer, max_length=16)
+    assert report.kept == 1 and report.total == 2 and report.truncated == 1
+    assert report.dropped == {"chosen/rejected: difference cut off by truncation": 1}
+    row = tokenized[0]
+    assert set(row) >= {"input_ids_j", "attention_mask_j", "input_ids_k", "attention_mask_k"}
+    assert tokenizer.decode(row["input_ids_j"]) == "Question: Hi?\n\nAnswer: Hello there."
+    with pytest.raises(PreferenceDataError, match="truncation"):
+        data.tokenize_pairs(frame, tokenizer, max_length=16, strict=True)
+
+
+def test_laptop_records_follow_the_schemas_and_splits_share_no_prompt():
+    english = data.english_laptop_records(seed=0)
+    chinese = data.chinese_laptop_records(seed=0)
+    en_pairs, en_report = data.load_preference_records(english, "hh-rlhf")
+    zh_pairs, zh_report = data.load_preference_records(chinese, "hh_rlhf_cn")
+    assert en_report.kept == len(english) > 500 and not en_report.dropped
+    assert zh_report.kept == len(chinese) > 500 and not zh_report.dropped
+    assert {r["source"] for r in english} == {"chatterbot-en", "rotten-tomatoes"}
+    splits = data.preference_splits("bilingual", train_size=40, test_size=20, verbose=False)
+    assert len(splits.train) == 80 and len(splits.test) == 40
+    dialogue_prompts = lambda pairs: {p.context for p in pairs if p.source.startswith("chatterbot")}  # noqa: E731
+    assert not dialogue_prompts(splits.train) & dialogue_prompts(splits.test)
+    frames = splits.datasets()
+    assert frames["train"].column_names == ["prompt", "chosen", "rejected", "language", "source"]
+    assert set(splits.summary()["language"]) == {"en", "zh"}
+    with pytest.raises(ValueError, match="language"):
+        data.preference_splits("fr")

@@ -1,0 +1,169 @@
+"""Tests for reward training: the j/k collator, the pairwise trainer, TRL's trainer, save/reload,
+the group_by_length failure and its fix, and the script's argument parsing.  Tiny models from configs."""
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+from datasets import Dataset
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+from rlhf_course import assets, data, reward_eval, reward_training, train_reward
+from rlhf_course.reward_training import PairwiseRewardCollator, RewardTrainingConfig
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return assets.gpt2_tokenizer()
+
+
+def tiny_config(tokenizer):
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                       pad_token_id=tokenizer.pad_token_id, num_labels=1)
+
+
+def tiny_reward_model(tokenizer):
+    torch.manual_seed(0)
+    return LlamaForSequenceClassification(tiny_config(tokenizer))
+
+
+def frame():
+    pairs = [data.PreferencePair((("human", f"Question number {i}?"),), f"A helpful answer {i}.", "No.")
+             for i in range(8)]
+    return data.pairs_to_frame(pairs)
+
+
+def config(**changes):
+    settings = dict(batch_size=4, max_length=32, learning_rate=1e-2, lora_last_layers=1, logging_steps=1,
+                    epochs=1)
+    settings.update(changes)
+    return RewardTrainingConfig.for_profile("laptop", **settings)
+
+
+def test_collator_pads_chosen_and_rejected_sides_separately(tokenizer):
+    features = [
+        {"input_ids_j": [1, 2, 3], "attention_mask_j": [1, 1, 1], "input_ids_k": [4], "attention_mask_k": [1],
+         "length": 3, "language": "en"},
+        {"input_ids_j": [5], "attention_mask_j": [1], "input_ids_k": [6, 7], "attention_mask_k": [1, 1],
+         "length": 2, "language": "zh"},
+    ]
+    batch = PairwiseRewardCollator(tokenizer)(features)
+    pad = tokenizer.pad_token_id
+    assert batch["input_ids_j"].tolist() == [[1, 2, 3], [5, pad, pad]]
+    assert batch["attention_mask_j"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["input_ids_k"].tolist() == [[4, pad], [6, 7]]
+    assert batch["attention_mask_k"].tolist() == [[1, 0], [1, 1]]
+    assert set(batch) == {"input_ids_j", "attention_mask_j", "input_ids_k", "attention_mask_k", "return_loss"}
+
+
+def _changed(before, model):
+    after = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {n for n in before if not torch.equal(before[n], after[n])}
+
+
+def test_pairwise_trainer_two_steps_change_lora_and_head_with_finite_loss(tokenizer, tmp_path):
+    tokenized, report = data.tokenize_pairs(frame(), tokenizer, max_length=32)
+    assert report.kept == 8
+    trainer = reward_training.pairwise_trainer(tiny_reward_model(tokenizer), tokenizer, tokenized, config(),
+                                               tmp_path, max_steps=2, disable_tqdm=True)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert any("lora_B" in n for n in before) and any("score" in n for n in before)
+    assert not any("layers.0." in n and "lora" in n for n in before)  # lora_last_layers=1: top layer only
+    trainer.train()
+    changed = _changed(before, trainer.model)
+    assert any("lora_B" in n for n in changed) and any("score" in n for n in changed)
+    losses = [entry["loss"] for entry in reward_training.training_log(trainer)]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+
+
+def test_pairwise_loss_equals_log_sigmoid_of_the_reward_difference(tokenizer, tmp_path):
+    tokenized, _ = data.tokenize_pairs(frame(), tokenizer, max_length=32)
+    trainer = reward_training.pairwise_trainer(tiny_reward_model(tokenizer), tokenizer, tokenized, config(),
+                                               tmp_path, disable_tqdm=True)
+    batch = PairwiseRewardCollator(tokenizer)([tokenized[i] for i in range(4)])
+    trainer.model.eval()
+    loss, outputs = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+    difference = outputs["rewards_j"] - outputs["rewards_k"]
+    assert torch.allclose(loss, -torch.nn.functional.logsigmoid(difference).mean())
+
+
+def test_group_by_length_fails_on_pairwise_data_and_a_length_column_fixes_it(tokenizer, tmp_path):
+    tokenized, _ = data.tokenize_pairs(frame(), tokenizer, max_length=32)
+    with pytest.raises(TypeError, match="group_by_length"):  # transformers 5 renamed the argument
+        reward_training.pairwise_training_args(config(), tmp_path, group_by_length=True)
+    trainer = reward_training.pairwise_trainer(tiny_reward_model(tokenizer), tokenizer, tokenized, config(),
+                                               tmp_path, train_sampling_strategy="group_by_length")
+    with pytest.raises(ValueError, match="input_ids"):
+        trainer.get_train_dataloader()
+    trainer.train_dataset = reward_training.add_length_column(tokenized)
+    assert trainer.train_dataset["length"] == [max(len(j), len(k)) for j, k in
+                                               zip(tokenized["input_ids_j"], tokenized["input_ids_k"])]
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids_j"].shape[0] == 4
+
+
+def test_trl_trainer_two_steps_and_save_reload_scores_the_same(tokenizer, tmp_path):
+    base_dir = tmp_path / "tiny-base"
+    LlamaForCausalLM(tiny_config(tokenizer)).save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    cfg = config(base_model=str(base_dir))
+    tokenizer_local = reward_training.load_tokenizer(cfg.base_model)
+    model = reward_training.load_reward_base(cfg.base_model, tokenizer_local)
+    trainer = reward_training.trl_trainer(model, tokenizer_local, Dataset.from_pandas(frame()), cfg,
+                                          tmp_path / "run", max_steps=2, disable_tqdm=True)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert any("lora_B" in n for n in _changed(before, trainer.model))
+    log = reward_training.training_log(trainer)
+    assert len(log) == 2 and all(math.isfinite(e["loss"]) for e in log) and "accuracy" in log[0]
+    texts = list(frame()["prompt"] + frame()["chosen"])
+    expected = reward_eval.score_texts(trainer.model, tokenizer_local, texts)
+    folder = reward_training.save_reward_model(trainer.model, tokenizer_local, tmp_path / "saved", cfg, {"x": 1})
+    reloaded, reloaded_tokenizer = reward_training.load_reward_model(folder)
+    assert torch.allclose(reward_eval.score_texts(reloaded, reloaded_tokenizer, texts), expected, atol=1e-5)
+    assert reward_training.read_model_card(folder)["metrics"] == {"x": 1}
+
+
+def test_lora_config_targets_and_4bit_skip_note(tokenizer, capsys):
+    cfg = RewardTrainingConfig()
+    lora = reward_training.lora_config(cfg, tiny_reward_model(tokenizer))
+    assert set(lora.target_modules) == {"q_proj", "k_proj", "v_proj"}
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (4, 32, 0.1) and "score" in lora.modules_to_save
+    possible, why_not = reward_training.can_load_in_4bit()
+    if not possible:
+        assert why_not
+    with pytest.raises(ValueError, match="unknown RewardTrainingConfig"):
+        RewardTrainingConfig.for_profile("laptop", lora_rank=8)
+
+
+def test_script_arguments_become_the_config():
+    cfg, out = train_reward.parse_args(["--profile", "laptop", "--language", "zh", "--trainer", "pairwise",
+                                        "--learning-rate", "1e-4", "--lora-last-layers", "none",
+                                        "--lora-targets", "q_proj", "v_proj", "--no-load-in-4bit",
+                                        "--output-dir", "x"])
+    assert (cfg.language, cfg.trainer, cfg.learning_rate, cfg.lora_last_layers) == ("zh", "pairwise", 1e-4, None)
+    assert cfg.lora_targets == ("q_proj", "v_proj") and cfg.load_in_4bit is False and out == "x"
+    full, _ = train_reward.parse_args(["--profile", "full"])
+    assert full.base_model == "qwen2-0.5b" and full.load_in_4bit and full.train_size is None
+
+
+def test_evaluation_figures_on_a_hand_made_score_table(tokenizer):
+    scored = pd.DataFrame({"prompt": ["p"] * 4, "chosen": ["long answer", "a", "bb", "c"],
+                           "rejected": ["x", "longer one", "cc", "dd"], "language": ["en", "en", "zh", "zh"],
+                           "chosen_reward": [2.0, 0.0, 1.0, -1.0], "rejected_reward": [1.0, 1.0, 0.0, 0.0]})
+    scored["margin"] = scored["chosen_reward"] - scored["rejected_reward"]
+    scored["correct"] = scored["margin"] > 0
+    assert reward_eval.summary(scored)["accuracy"] == 0.5
+    assert reward_eval.deepspeed_log_line(scored) == (
+        "chosen_last_scores (higher is better) : 0.5000, rejected_last_scores (lower is better) : 0.5000, "
+        "acc (higher is better) : 0.5000")
+    baseline = reward_eval.longer_answer_baseline(scored)
+    assert baseline["accuracy"] == pytest.approx((1 + 0 + 0.5 + 0) / 4)
+    by_language = reward_eval.accuracy_by(scored)
+    assert by_language.loc["en", "accuracy"] == 0.5 and by_language.loc["zh", "pairs"] == 2
+    table = reward_eval.best_and_worst(scored, k=1)
+    assert list(table["which"]) == ["best", "worst"] and table["margin"].tolist() == [1.0, -1.0]
+    reference = reward_eval.reference_table([{"run": "x", "data": "y", "accuracy": 0.7}])
+    assert reference["accuracy"].tolist() == [0.7, 0.619, 0.79]
