@@ -1,0 +1,394 @@
+"""PPO tricks and failure modes, as small experiments you can rerun (notebook 08).
+
+Each "trick" of PPO for language models is one switch of ``rlhf_course.ppo.PPOConfig``; this
+module runs the same short PPO job with one switch changed, summarises every run in one row of a
+results table, writes that table to CSV, and draws the comparison plots.  The anecdotes it turns
+into measurements come from:
+
+* [DSChat]  DeepSpeed-Chat step 3 (Yao et al. 2023, arXiv 2308.01320; ``ppo_trainer.py`` and the
+            step-3 README's "instability of RLHF training" notes): responses generated with
+            ``min_length = max_length``, a separate critic, reward clipping, EMA of the actor.
+* [37]      Huang et al. 2022, "The 37 Implementation Details of Proximal Policy Optimization"
+            (ICLR blog track): reward scaling (detail 5), advantage normalisation (7), value
+            clipping (9), entropy bonus (10), global gradient clipping (11), learning-rate
+            annealing (4); and "The N Implementation Details of RLHF with PPO" (Huang et al. 2023).
+* [Ziegler] Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences": the KL
+            penalty to the reference policy, without which the policy games the reward model.
+* [Gao]     Gao et al. 2022, "Scaling Laws for Reward Model Overoptimization": reward vs KL.
+
+``rlhf_course.ppo.train_ppo`` has no learning-rate schedule, so ``train_ppo_with_lr_schedule``
+composes the same public pieces (``make_experience``, ``ppo_update``, ``rollout_stats``, the KL
+controllers) with a ``LambdaLR``; with a constant schedule it reproduces ``train_ppo`` exactly
+(tested in ``tests/test_ppo_tricks.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pandas as pd
+import torch
+from torch import nn
+
+from rlhf_course import ppo
+from rlhf_course.ppo import PPOConfig, PolicyWithValueHead, RewardFn
+
+# ============================================================================ 1. experiments
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One run: a name, the section it belongs to, and what it changes from the base config.
+
+    ``overrides`` are ``PPOConfig`` fields; ``lr_decay`` switches on linear learning-rate decay to 0
+    (not a ``PPOConfig`` field, see ``train_ppo_with_lr_schedule``); ``reward_scale`` multiplies
+    the reward model's scores (a reward model whose logits live on a larger scale).
+    """
+
+    name: str
+    group: str
+    setting: str  # what a reader sees in the table, e.g. "entropy_coef=0.01"
+    overrides: dict = field(default_factory=dict)
+    lr_decay: bool = False
+    reward_scale: float = 1.0
+
+    def config(self, base: PPOConfig) -> PPOConfig:
+        unknown = set(self.overrides) - set(PPOConfig.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"experiment {self.name!r} overrides {sorted(unknown)}, which are not PPOConfig "
+                             f"fields; choose from {sorted(PPOConfig.__dataclass_fields__)}")
+        config = replace(base, **self.overrides)
+        config.validate()
+        return config
+
+
+def notebook_experiments(kl_coefs: Sequence[float] = (0.0, 0.05, 0.5), gamma: float = 0.5,
+                         reward_scale: float = 5.0) -> list[Experiment]:
+    """The runs of notebook 08, in the order of its sections (the base run is shared by all)."""
+    runs = [
+        Experiment("base", "base", "base (EOS stop, whitened advantages, value clip 0.2, grad clip 1.0, "
+                   "constant LR, fixed KL coef)"),
+        # 8.1 critic loss: a reward model on a larger scale, then the two remedies  [37 detail 5]
+        Experiment("scaled_rm", "critic", f"reward x{reward_scale:g}", reward_scale=reward_scale),
+        Experiment("scaled_rm+reward_scaling", "critic", f"reward x{reward_scale:g}, scale_rewards=True",
+                   {"scale_rewards": True}, reward_scale=reward_scale),
+        Experiment("scaled_rm+small_gamma", "critic", f"reward x{reward_scale:g}, gamma={gamma:g}",
+                   {"gamma": gamma}, reward_scale=reward_scale),
+        # 8.2 advantage normalisation  [37 detail 7]
+        Experiment("no_adv_whitening", "advantage", "whiten_advantages=False", {"whiten_advantages": False}),
+        # 8.3 entropy bonus  [37 detail 10]
+        Experiment("entropy_0.01", "entropy", "entropy_coef=0.01", {"entropy_coef": 0.01}),
+        # 8.4 min_length = max_length  [DSChat]
+        Experiment("force_max_length", "length", "force_max_length=True (min_length = max_length)",
+                   {"force_max_length": True}),
+    ]
+    # 8.5 KL coefficient sweep  [Ziegler][Gao]
+    runs += [Experiment(f"kl_{coef:g}", "kl", f"init_kl_coef={coef:g}", {"init_kl_coef": coef}) for coef in kl_coefs]
+    # 8.6 the three guards  [37 details 4, 9, 11]
+    runs += [
+        Experiment("no_value_clip", "guards", "cliprange_value=inf (no value clipping)",
+                   {"cliprange_value": math.inf}),
+        Experiment("no_grad_clip", "guards", "max_grad_norm=None (no gradient clipping)", {"max_grad_norm": None}),
+        Experiment("lr_decay", "guards", "learning rate decays linearly to 0", lr_decay=True),
+    ]
+    return runs
+
+
+# ============================================================================ 2. running one experiment
+
+
+def linear_decay(total_steps: int) -> Callable[[int], float]:
+    """LR multiplier 1 -> 0 over ``total_steps`` PPO steps  [37 detail 4: learning-rate annealing]."""
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    return lambda step: max(0.0, 1.0 - step / total_steps)
+
+
+def train_ppo_with_lr_schedule(config: PPOConfig, policy: PolicyWithValueHead, reference: nn.Module, tokenizer,
+                               reward_fn: RewardFn, queries: list[list[int]],
+                               lr_schedule: Callable[[int], float] | None = None, progress: bool = False,
+                               device: torch.device | str = "cpu") -> list[dict]:
+    """``ppo.train_ppo`` plus a learning-rate schedule (multiplier per PPO step); adds ``learning_rate``.
+
+    Same seeding, prompt order, optimiser and KL controller as ``ppo.train_ppo``, step for step, so
+    a constant schedule gives the same history.  The schedule is stepped once per PPO step, as
+    CleanRL anneals once per rollout  [37 detail 4].
+    """
+    from tqdm.auto import tqdm
+
+    config.validate()
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate,
+                                  eps=config.adam_eps, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule or (lambda step: 1.0))
+    kl_controller = (ppo.AdaptiveKLController(config.init_kl_coef, config.kl_target, config.kl_horizon)
+                     if config.adaptive_kl else ppo.FixedKLController(config.init_kl_coef))
+    score_moments = ppo.RunningMoments() if config.scale_rewards else None
+    if len(queries) < config.batch_size:
+        raise ValueError(f"{len(queries)} queries is fewer than batch_size={config.batch_size}")
+    order, cursor, history = list(range(len(queries))), len(queries), []
+    for step in tqdm(range(config.steps), desc="PPO (LR schedule)", disable=not progress):
+        if cursor + config.batch_size > len(order):
+            rng.shuffle(order)
+            cursor = 0
+        batch_queries = [queries[i] for i in order[cursor:cursor + config.batch_size]]
+        cursor += config.batch_size
+        started = time.time()
+        rollout = ppo.make_experience(policy, reference, tokenizer, reward_fn, batch_queries, config,
+                                      kl_controller.value, rng, score_moments, device)
+        experience_seconds = time.time() - started
+        metrics = {"step": step, **ppo.rollout_stats(rollout, kl_controller.value)}
+        metrics["learning_rate"] = optimizer.param_groups[0]["lr"]
+        metrics.update(ppo.ppo_update(policy, optimizer, rollout, config, generator, device))
+        scheduler.step()
+        kl_controller.update(metrics["kl"], config.batch_size)
+        metrics["experience_seconds"] = experience_seconds
+        metrics["step_seconds"] = time.time() - started
+        history.append(metrics)
+    return history
+
+
+class ScaledReward:
+    """``reward_fn`` times a constant: the same preferences on a different logit scale."""
+
+    def __init__(self, reward_fn: RewardFn, scale: float):
+        self.reward_fn, self.scale = reward_fn, scale
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        return torch.as_tensor(self.reward_fn(texts), dtype=torch.float) * self.scale
+
+
+@dataclass
+class RunResult:
+    """What one experiment produced: its config, per-step history, and held-out samples after training."""
+
+    experiment: Experiment
+    config: PPOConfig
+    history: pd.DataFrame  # one row per PPO step (ppo.train_ppo's metrics)
+    samples: pd.DataFrame  # query, response, reward (unscaled), length on the held-out queries
+    seconds: float
+
+
+def run_experiment(experiment: Experiment, base: PPOConfig, start_lm: nn.Module, reference: nn.Module, tokenizer,
+                   reward_fn: RewardFn, queries: list[list[int]], eval_queries: list[list[int]],
+                   device: torch.device | str = "cpu", progress: bool = False) -> RunResult:
+    """Train a fresh copy of ``start_lm`` with the experiment's config; score held-out samples after.
+
+    ``reference`` is shared between runs (it is frozen); the policy and its value head are new each
+    time and seeded from the config, so runs differ only in what the experiment changes.
+    """
+    config = experiment.config(base)
+    torch.manual_seed(config.seed)  # the value head's initial weights
+    policy = PolicyWithValueHead(copy.deepcopy(start_lm)).to(device)
+    train_reward = ScaledReward(reward_fn, experiment.reward_scale) if experiment.reward_scale != 1.0 else reward_fn
+    started = time.time()
+    if experiment.lr_decay:
+        history = train_ppo_with_lr_schedule(config, policy, reference, tokenizer, train_reward, queries,
+                                             linear_decay(config.steps), progress=progress, device=device)
+    else:
+        history = ppo.train_ppo(config, policy, reference, tokenizer, train_reward, queries,
+                                progress=progress, device=device)
+    history = pd.DataFrame(history)
+    if experiment.reward_scale != 1.0:  # report rewards on the reward model's own scale, comparable across runs
+        history["reward_mean"] = history["reward_mean"] / experiment.reward_scale
+        history["reward_std"] = history["reward_std"] / experiment.reward_scale
+    samples = ppo.sample_and_score(policy.lm, tokenizer, reward_fn, eval_queries, config, seed=config.seed + 1,
+                                   device=device)
+    return RunResult(experiment, config, history, samples, time.time() - started)
+
+
+def run_experiments(experiments: Sequence[Experiment], base: PPOConfig, start_lm, reference, tokenizer, reward_fn,
+                    queries, eval_queries, device="cpu", progress: bool = True) -> dict[str, RunResult]:
+    """Run every experiment (one progress bar over runs); results keyed by experiment name."""
+    from tqdm.auto import tqdm
+
+    names = [e.name for e in experiments]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"experiment names must be unique; repeated: {duplicates}")
+    results = {}
+    bar = tqdm(experiments, desc="experiments", disable=not progress)
+    for experiment in bar:
+        bar.set_postfix(run=experiment.name)
+        results[experiment.name] = run_experiment(experiment, base, start_lm, reference, tokenizer, reward_fn,
+                                                  queries, eval_queries, device)
+    return results
+
+
+# ============================================================================ 3. text statistics
+
+
+def repetition_stats(texts: Sequence[str]) -> dict:
+    """How varied a set of responses is: unique fraction, distinct-2 (Li et al. 2016), most common one."""
+    texts = [t.strip() for t in texts]
+    if not texts:
+        raise ValueError("repetition_stats needs at least one text")
+    bigrams = [tuple(words[i:i + 2]) for words in (t.split() for t in texts) for i in range(max(len(words) - 1, 0))]
+    most_common, count = Counter(texts).most_common(1)[0]
+    return {
+        "unique_fraction": len(set(texts)) / len(texts),
+        "distinct_2": len(set(bigrams)) / len(bigrams) if bigrams else 0.0,
+        "most_common": most_common,
+        "most_common_fraction": count / len(texts),
+    }
+
+
+def top_words(texts: Sequence[str], n: int = 8) -> list[tuple[str, int]]:
+    """The ``n`` most frequent lower-cased words: a degenerate policy repeats a few 'magic' words."""
+    return Counter(w.strip(".,!?;:\"'").lower() for t in texts for w in t.split() if w.strip(".,!?;:\"'")).most_common(n)
+
+
+# ============================================================================ 4. results table and CSV
+
+
+RESULT_COLUMNS = (
+    "experiment", "group", "setting", "seed", "steps",
+    "reward_first", "reward_final", "eval_reward", "kl_final",
+    "value_loss_first", "value_loss_final", "value_loss_peak", "return_var_final",
+    "entropy_final", "response_length", "eos_fraction", "grad_norm_peak", "approx_kl_final",
+    "unique_fraction", "distinct_2", "seconds",
+)
+
+
+def final_mean(series: pd.Series, fraction: float = 0.25) -> float:
+    """Mean over the last ``fraction`` of the steps (at least one): a less noisy 'final' value."""
+    if len(series) == 0:
+        raise ValueError("cannot summarise an empty history")
+    tail = max(1, int(round(len(series) * fraction)))
+    return float(series.iloc[-tail:].mean())
+
+
+def summarise(result: RunResult) -> dict:
+    """One results-table row for a run (``RESULT_COLUMNS``); 'final' = mean of the last quarter of steps."""
+    history, samples = result.history, result.samples
+    first = max(1, int(round(len(history) * 0.25)))
+    variety = repetition_stats(samples["response"])
+    return {
+        "experiment": result.experiment.name,
+        "group": result.experiment.group,
+        "setting": result.experiment.setting,
+        "seed": result.config.seed,
+        "steps": len(history),
+        "reward_first": float(history["reward_mean"].iloc[:first].mean()),
+        "reward_final": final_mean(history["reward_mean"]),
+        "eval_reward": float(samples["reward"].mean()),
+        "kl_final": final_mean(history["kl"]),
+        "value_loss_first": float(history["value_loss"].iloc[:first].mean()),
+        "value_loss_final": final_mean(history["value_loss"]),
+        "value_loss_peak": float(history["value_loss"].max()),
+        "return_var_final": final_mean(history["return_var"]),
+        "entropy_final": final_mean(history["entropy"]),
+        "response_length": float(samples["length"].mean()),
+        "eos_fraction": final_mean(history["eos_fraction"]),
+        "grad_norm_peak": float(history["grad_norm"].max()),
+        "approx_kl_final": final_mean(history["approx_kl"]),
+        "unique_fraction": variety["unique_fraction"],
+        "distinct_2": variety["distinct_2"],
+        "seconds": result.seconds,
+    }
+
+
+def results_table(results: dict[str, RunResult] | Sequence[RunResult]) -> pd.DataFrame:
+    """All runs, one row each, indexed by experiment name, columns ``RESULT_COLUMNS``."""
+    runs = list(results.values()) if isinstance(results, dict) else list(results)
+    if not runs:
+        raise ValueError("no runs to tabulate")
+    return pd.DataFrame([summarise(r) for r in runs], columns=list(RESULT_COLUMNS)).set_index("experiment")
+
+
+def write_results_csv(table: pd.DataFrame, path: Path | str, decimals: int = 4) -> Path:
+    """Write the results table (floats rounded) to ``path``, creating folders; returns the path.
+
+    Checks the table first: it must have every ``RESULT_COLUMNS`` column, at least one row, unique
+    experiment names and finite rewards, so an instructor never gets a half-empty file.
+    """
+    table = table.reset_index() if table.index.name == "experiment" else table.copy()
+    missing = [c for c in RESULT_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"results table lacks columns {missing}; build it with ppo_tricks.results_table()")
+    if table.empty:
+        raise ValueError("results table has no rows: run at least one experiment before writing the CSV")
+    repeated = sorted(table["experiment"][table["experiment"].duplicated()].unique())
+    if repeated:
+        raise ValueError(f"experiment names repeat in the results table: {repeated}")
+    bad = table.loc[~table["reward_final"].apply(lambda v: isinstance(v, (int, float)) and math.isfinite(v)), "experiment"]
+    if len(bad):
+        raise ValueError(f"runs {list(bad)} have a non-finite reward_final: the run diverged or never ran")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table[list(RESULT_COLUMNS)].round(decimals).to_csv(path, index=False)
+    return path
+
+
+def read_results_csv(path: Path | str) -> pd.DataFrame:
+    """The CSV written by ``write_results_csv``, indexed by experiment (for instructors' slides)."""
+    table = pd.read_csv(path)
+    missing = [c for c in RESULT_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"{path} lacks columns {missing}: not a results file written by write_results_csv")
+    return table.set_index("experiment")
+
+
+# ============================================================================ 5. plots
+
+
+def plot_curves(results: dict[str, RunResult], names: Sequence[str], metric: str, ax=None, title: str | None = None,
+                labels: dict[str, str] | None = None, logy: bool = False):
+    """``metric`` per PPO step for the named runs on one axis."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 3.2))
+    for name in names:
+        if name not in results:
+            raise KeyError(f"no run named {name!r}; runs are {sorted(results)}")
+        history = results[name].history
+        if metric not in history:
+            raise KeyError(f"metric {metric!r} not in the history; choose from {sorted(history.columns)}")
+        ax.plot(history["step"], history[metric], marker=".", label=(labels or {}).get(name, name))
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel("PPO step")
+    ax.set_title(title or metric, fontsize=10)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_panels(results: dict[str, RunResult], names: Sequence[str], metrics: Sequence[tuple[str, str]],
+                labels: dict[str, str] | None = None, logy: Sequence[str] = (), suptitle: str | None = None):
+    """One row of panels, one per ``(metric, title)``, comparing the named runs."""
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(metrics), figsize=(4.3 * len(metrics), 3.2), squeeze=False)
+    for ax, (metric, title) in zip(axes[0], metrics):
+        plot_curves(results, names, metric, ax=ax, title=title, labels=labels, logy=metric in logy)
+    if suptitle:
+        figure.suptitle(suptitle, fontsize=11)
+    figure.tight_layout()
+    return figure
+
+
+def plot_kl_frontier(table: pd.DataFrame, names: Sequence[str], coefficients: Sequence[float], ax=None):
+    """Final reward against final KL for the KL-coefficient sweep (the reward-vs-KL frontier  [Gao])."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 3.5))
+    rows = table.loc[list(names)]
+    ax.plot(rows["kl_final"], rows["reward_final"], "o-")
+    for (name, row), coefficient in zip(rows.iterrows(), coefficients):
+        ax.annotate(f"beta={coefficient:g}", (row["kl_final"], row["reward_final"]), textcoords="offset points",
+                    xytext=(5, -10), fontsize=8)
+    ax.set_xlabel("KL to reference (nats / response, last quarter of steps)")
+    ax.set_ylabel("reward (last quarter of steps)")
+    ax.set_title("reward vs KL: the KL-coefficient frontier", fontsize=10)
+    return ax
