@@ -20,6 +20,7 @@ reference, implicit-reward accuracy) applied the same way to every method so the
 from __future__ import annotations
 
 import ast
+import gc
 import inspect
 import os
 import threading
@@ -50,12 +51,14 @@ class BeyondPPOConfig:
     dpo_steps: int = 20
     dpo_batch_size: int = 4
     dpo_max_length: int = 128
-    # RLOO / GRPO on the sentiment task of notebook 07 (responses of 4-16 tokens in the seed)
-    rl_steps: int = 12
-    rl_learning_rate: float = 5e-5
-    rl_prompts_per_step: int = 8
+    # RLOO / GRPO (and the PPO row) on the sentiment task of notebook 07: every method samples the
+    # same number of completions, rl_rounds x rl_prompts_per_round x rl_num_generations
+    rl_rounds: int = 8  # sampling rounds
+    rl_prompts_per_round: int = 8
     rl_num_generations: int = 4  # k completions per prompt: the group (GRPO) / leave-one-out set (RLOO)
-    rl_max_completion_length: int = 16
+    rl_minibatches: int = 4  # gradient steps per round, each on an equal share of the completions
+    rl_learning_rate: float = 1e-4  # laptop value for a small policy trained from scratch (as PPO's)
+    rl_max_completion_length: int = 16  # responses of 4-16 tokens in the seed
     rloo_beta: float = 0.05  # TRL's default: KL folded into the reward
     grpo_beta: float = 0.04  # DeepSeekMath's value; TRL's default is 0.0, which loads no reference
     temperature: float = 1.0  # pure sampling, as in the PPO notebook (top_k 0, top_p 1)
@@ -234,15 +237,32 @@ class MemoryMonitor:
         return self.peak_mb - self.start_mb
 
 
-def models_held(trainer) -> list[str]:
-    """Names of the networks a TRL trainer keeps in memory while it trains."""
-    held = ["policy"]
+def trainer_networks(trainer) -> dict[str, nn.Module]:
+    """The networks a TRL trainer keeps in memory while it trains, by role."""
+    held = {"policy": trainer.model}
     if getattr(trainer, "ref_model", None) is not None:
-        held.append("reference")
+        held["reference"] = trainer.ref_model
     for reward in getattr(trainer, "reward_funcs", []):
-        if isinstance(reward, nn.Module) or isinstance(getattr(reward, "classifier", None), nn.Module):
-            held.append("reward model")
+        module = reward if isinstance(reward, nn.Module) else getattr(reward, "classifier", None)
+        if isinstance(module, nn.Module):
+            held["reward model"] = module
     return held
+
+
+def state_megabytes(networks: dict[str, nn.Module]) -> float:
+    """Memory of the training *state*, computed rather than measured: every held network's weights,
+    plus a gradient and AdamW's two moment estimates (4 + 8 bytes) per trainable parameter.
+    Activations and the generation cache come on top (the measured RSS shows them)."""
+    seen, total = set(), 0
+    for module in networks.values():
+        for parameter in module.parameters():
+            if id(parameter) in seen:
+                continue
+            seen.add(id(parameter))
+            total += parameter.numel() * parameter.element_size()
+            if parameter.requires_grad:
+                total += parameter.numel() * (4 + 8)
+    return total / 2**20
 
 
 @dataclass
@@ -251,21 +271,60 @@ class RunResult:
 
     method: str
     model: nn.Module
-    history: pd.DataFrame  # one row per logged step (TRL's log_history)
-    wall_s: float
+    history: pd.DataFrame  # one row per logged step
+    wall_s: float  # building the trainer (loading the reference...) + training
     peak_rss_mb: float
     added_rss_mb: float
+    state_mb: float
     models: list[str] = field(default_factory=list)
 
 
-def _run(method: str, trainer) -> RunResult:
+def measured_run(method: str, build: Callable[[], object], train: Callable[[object], pd.DataFrame],
+                 networks: Callable[[object], dict[str, nn.Module]]) -> RunResult:
+    """Build a trainer, train it, and measure wall time and resident memory around both."""
+    gc.collect()
     with MemoryMonitor() as memory:
         started = time.perf_counter()
-        trainer.train()
+        trainer = build()
+        history = train(trainer)
         wall_s = time.perf_counter() - started
-    history = pd.DataFrame([row for row in trainer.state.log_history if "loss" in row]).set_index("step")
-    return RunResult(method, trainer.model, history, wall_s, memory.peak_mb, memory.added_mb,
-                     models_held(trainer))
+    held = networks(trainer)
+    return RunResult(method, held["policy"], history, wall_s, memory.peak_mb, memory.added_mb,
+                     state_megabytes(held), list(held))
+
+
+def _quiet_progress(trainer, method: str) -> None:
+    """Swap the Trainer's progress bar (which also prints every log dict) for one that shows the
+    latest loss and reward in its postfix and prints nothing else."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class QuietProgress(ProgressCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            super().on_train_begin(args, state, control, **kwargs)
+            if self.training_bar is not None:
+                self.training_bar.set_description(method)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.training_bar is not None and logs:
+                shown = {k: f"{logs[k]:.3g}" for k in ("loss", "reward", "kl") if k in logs}
+                self.training_bar.set_postfix(shown, refresh=False)
+
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(QuietProgress())
+
+
+def _train_trl(trainer) -> pd.DataFrame:
+    trainer.train()
+    return pd.DataFrame([row for row in trainer.state.log_history if "loss" in row]).set_index("step")
+
+
+def _run_trl(method: str, build: Callable[[], object]) -> RunResult:
+    def build_quietly():
+        trainer = build()
+        _quiet_progress(trainer, method)
+        return trainer
+
+    return measured_run(method, build_quietly, _train_trl, trainer_networks)
 
 
 # ----------------------------------------------------------------------------- the three trainers
@@ -278,16 +337,22 @@ def train_dpo(policy, tokenizer, pairs, config: BeyondPPOConfig, output_dir: str
     args = trl_args(DPOConfig, output_dir, seed=config.seed, beta=config.dpo_beta,
                     learning_rate=config.dpo_learning_rate, max_steps=config.dpo_steps,
                     per_device_train_batch_size=config.dpo_batch_size, max_length=config.dpo_max_length)
-    trainer = DPOTrainer(model=require_saved_path(policy), args=args, train_dataset=pairs,
-                         processing_class=tokenizer)
-    return _run("DPO", trainer)
+    path = require_saved_path(policy)
+    return _run_trl("DPO", lambda: DPOTrainer(model=path, args=args, train_dataset=pairs,
+                                              processing_class=tokenizer))
 
 
 def _group_args(config_class, config: BeyondPPOConfig, output_dir, beta: float):
-    generations = config.rl_prompts_per_step * config.rl_num_generations
+    completions = config.rl_prompts_per_round * config.rl_num_generations
+    if completions % config.rl_minibatches:
+        raise ValueError(f"{completions} completions per round do not split into rl_minibatches="
+                         f"{config.rl_minibatches} equal gradient steps")
     return trl_args(config_class, output_dir, seed=config.seed, beta=beta,
-                    learning_rate=config.rl_learning_rate, max_steps=config.rl_steps,
-                    per_device_train_batch_size=generations, num_generations=config.rl_num_generations,
+                    learning_rate=config.rl_learning_rate,
+                    max_steps=config.rl_rounds * config.rl_minibatches,  # TRL counts gradient steps
+                    per_device_train_batch_size=completions // config.rl_minibatches,
+                    steps_per_generation=config.rl_minibatches,  # one sampling round feeds this many steps
+                    num_generations=config.rl_num_generations,
                     max_completion_length=config.rl_max_completion_length,
                     temperature=config.temperature, top_k=0, top_p=1.0)
 
@@ -298,9 +363,9 @@ def train_rloo(policy, tokenizer, prompts, reward_fn: Callable, config: BeyondPP
     from trl import RLOOConfig, RLOOTrainer
 
     args = _group_args(RLOOConfig, config, output_dir, config.rloo_beta)
-    trainer = RLOOTrainer(model=require_saved_path(policy), reward_funcs=reward_fn, args=args,
-                          train_dataset=prompts, processing_class=tokenizer)
-    return _run("RLOO", trainer)
+    path = require_saved_path(policy)
+    return _run_trl("RLOO", lambda: RLOOTrainer(model=path, reward_funcs=reward_fn, args=args,
+                                                train_dataset=prompts, processing_class=tokenizer))
 
 
 def train_grpo(policy, tokenizer, prompts, reward_fn: Callable, config: BeyondPPOConfig,
@@ -309,9 +374,48 @@ def train_grpo(policy, tokenizer, prompts, reward_fn: Callable, config: BeyondPP
     from trl import GRPOConfig, GRPOTrainer
 
     args = _group_args(GRPOConfig, config, output_dir, config.grpo_beta)
-    trainer = GRPOTrainer(model=require_saved_path(policy), reward_funcs=reward_fn, args=args,
-                          train_dataset=prompts, processing_class=tokenizer)
-    return _run("GRPO", trainer)
+    path = require_saved_path(policy)
+    return _run_trl("GRPO", lambda: GRPOTrainer(model=path, reward_funcs=reward_fn, args=args,
+                                                train_dataset=prompts, processing_class=tokenizer))
+
+
+def ppo_config_same_budget(config: BeyondPPOConfig):
+    """Notebook 07's PPO settings, resized to sample as many completions as the RLOO/GRPO runs."""
+    from rlhf_course import ppo
+
+    completions = config.rl_prompts_per_round * config.rl_num_generations
+    return ppo.PPOConfig.for_profile(steps=config.rl_rounds, batch_size=completions,
+                                     mini_batch_size=completions // config.rl_minibatches, seed=config.seed)
+
+
+def train_ppo(queries: list[list[int]], reward: PositiveLogitReward, config: BeyondPPOConfig,
+              device: torch.device | str = "cpu") -> RunResult:
+    """The course's own PPO (``rlhf_course.ppo``, notebook 07) on the same budget, measured the same way.
+
+    Its critic is a value head on the policy's trunk (as TRL 0.x), so four roles live in three
+    networks: actor + critic, reference, reward model.
+    """
+    from rlhf_course import ppo
+
+    ppo_config = ppo_config_same_budget(config)
+
+    def text_reward(texts: list[str]) -> torch.Tensor:
+        return torch.tensor(reward.score_texts(texts))
+
+    def build():
+        return ppo.load_policy_and_reference(device)
+
+    def train(parts) -> pd.DataFrame:
+        policy, reference, tokenizer = parts
+        history = ppo.train_ppo(ppo_config, policy, reference, tokenizer, text_reward, queries, device=device)
+        return pd.DataFrame(history).rename(columns={"reward_mean": "reward"}).set_index("step")
+
+    def networks(parts) -> dict[str, nn.Module]:
+        policy, reference, _ = parts
+        return {"policy": policy.lm, "critic (value head)": policy.v_head, "reference": reference,
+                "reward model": reward.classifier}
+
+    return measured_run("PPO", build, train, networks)
 
 
 # ----------------------------------------------------------------------------- one evaluation for all

@@ -123,8 +123,8 @@ def initial_params(path):
 
 
 SMOKE = bp.BeyondPPOConfig(dpo_steps=2, dpo_batch_size=4, dpo_learning_rate=1e-3, dpo_max_length=32,
-                           rl_steps=2, rl_prompts_per_step=2, rl_num_generations=2, rl_learning_rate=1e-3,
-                           rl_max_completion_length=6)
+                           rl_rounds=1, rl_minibatches=2, rl_prompts_per_round=2, rl_num_generations=2,
+                           rl_learning_rate=1e-3, rl_max_completion_length=6)
 
 
 def test_dpo_two_steps(tmp_path, policy_tokenizer, tiny_policy_path):
@@ -134,6 +134,7 @@ def test_dpo_two_steps(tmp_path, policy_tokenizer, tiny_policy_path):
     assert len(result.history) == 2 and result.history["loss"].map(math.isfinite).all()
     assert changed(initial_params(tiny_policy_path), result.model)
     assert result.models == ["policy", "reference"] and result.wall_s > 0 and result.peak_rss_mb > 0
+    assert result.state_mb > 0
     reference = GPT2LMHeadModel.from_pretrained(tiny_policy_path)
     rewards = bp.implicit_rewards(result.model, reference, policy_tokenizer, pairs, beta=SMOKE.dpo_beta)
     assert (rewards["margin"] > 0).all()  # two steps on the same pair at lr 1e-3 prefer the chosen answer
@@ -148,7 +149,9 @@ def test_group_trainers_two_steps(train, tmp_path, classifier, reward_tokenizer,
     reward = bp.PositiveLogitReward(classifier, reward_tokenizer)
     result = train(tiny_policy_path, policy_tokenizer, prompts, reward, SMOKE, tmp_path)
     assert len(result.history) == 2
-    assert result.history["loss"].map(math.isfinite).all() and result.history["reward"].map(math.isfinite).all()
+    rewards = result.history["reward"].dropna()  # logged on the steps that sampled a new round
+    assert result.history["loss"].map(math.isfinite).all() and len(rewards) >= 1
+    assert rewards.map(math.isfinite).all()
     assert "kl" in result.history  # beta > 0: a reference model was loaded from the saved path
     assert changed(initial_params(tiny_policy_path), result.model)
     assert result.models == ["policy", "reference", "reward model"]  # no critic
