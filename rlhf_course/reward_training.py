@@ -60,7 +60,7 @@ class RewardTrainingConfig:
     epochs: float = 1.0
     batch_size: int = 8  # pairs per step
     gradient_accumulation_steps: int = 1
-    learning_rate: float = 3e-4
+    learning_rate: float = 1e-3
     warmup_ratio: float = 0.0
     lr_scheduler: str = "linear"
     weight_decay: float = 0.0
@@ -342,6 +342,7 @@ def load_reward_model(folder, merge: bool = True):
 
     card = read_model_card(folder)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer.padding_side = "right"
     base = load_reward_base(card["base_model"], tokenizer, load_in_4bit=False, verbose=False)
     model = PeftModel.from_pretrained(base, str(folder))
     if merge:

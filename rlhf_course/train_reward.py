@@ -23,6 +23,7 @@ from rlhf_course import data, reward_eval
 from rlhf_course.profiles import Profile, seed_everything
 from rlhf_course.reward_training import (
     RewardTrainingConfig,
+    add_length_column,
     load_reward_base,
     load_reward_model,
     load_tokenizer,
@@ -84,7 +85,10 @@ def run(config: RewardTrainingConfig, output_dir, verbose: bool = True) -> RunRe
         tokenized, report = data.tokenize_pairs(train_frame, tokenizer, config.max_length)
         if verbose:
             print(report)
-        trainer = pairwise_trainer(model, tokenizer, tokenized, config, output_dir / "trainer")
+        # Length-grouped batches waste less compute on padding; the length column is the fix for the
+        # seed's group_by_length error (notebook 04, section 4.7).
+        trainer = pairwise_trainer(model, tokenizer, add_length_column(tokenized), config, output_dir / "trainer",
+                                   train_sampling_strategy="group_by_length")
     else:
         raise ValueError(f"trainer={config.trainer!r} is not known; use 'trl' or 'pairwise'")
     if verbose:

@@ -167,3 +167,22 @@ def test_evaluation_figures_on_a_hand_made_score_table(tokenizer):
     assert list(table["which"]) == ["best", "worst"] and table["margin"].tolist() == [1.0, -1.0]
     reference = reward_eval.reference_table([{"run": "x", "data": "y", "accuracy": 0.7}])
     assert reference["accuracy"].tolist() == [0.7, 0.619, 0.79]
+
+
+@pytest.mark.parametrize("trainer_name", ["pairwise", "trl"])
+def test_script_run_end_to_end_on_a_tiny_model(tokenizer, tmp_path, trainer_name):
+    base_dir = tmp_path / "tiny-base"
+    LlamaForCausalLM(tiny_config(tokenizer)).save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    result = train_reward.main(["--profile", "laptop", "--language", "bilingual", "--trainer", trainer_name,
+                                "--base-model", str(base_dir), "--train-size", "8", "--test-size", "4",
+                                "--batch-size", "4", "--lora-last-layers", "1", "--output-dir", str(tmp_path / "run")])
+    assert result.metrics["pairs"] == 8 and result.metrics["train_pairs"] == 16
+    assert 0.0 <= result.metrics["accuracy"] <= 1.0 and len(result.log) >= 1
+    reread = train_reward.RunResult.from_folder(tmp_path / "run")
+    assert reread.config == result.config and reread.metrics == result.metrics
+    scores = reread.test_scores()
+    assert set(scores.language) == {"en", "zh"} and len(scores) == 8
+    model, model_tokenizer = reread.load()
+    again = reward_eval.score_pairs(model, model_tokenizer, scores[["prompt", "chosen", "rejected"]])
+    assert abs(again.chosen_reward.values - scores.chosen_reward.values).max() < 1e-4
