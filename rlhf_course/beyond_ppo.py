@@ -56,8 +56,9 @@ class BeyondPPOConfig:
     rl_rounds: int = 8  # sampling rounds
     rl_prompts_per_round: int = 8
     rl_num_generations: int = 4  # k completions per prompt: the group (GRPO) / leave-one-out set (RLOO)
-    rl_minibatches: int = 4  # gradient steps per round, each on an equal share of the completions
-    rl_learning_rate: float = 1e-4  # laptop value for a small policy trained from scratch (as PPO's)
+    rl_minibatches: int = 4  # gradient steps per pass over a round, each on an equal share of it
+    rl_epochs: int = 4  # passes over each round: PPO's ppo_epochs, TRL's num_iterations (mu in GRPO)
+    rl_learning_rate: float = 2e-4  # laptop value for a small policy trained from scratch
     rl_max_completion_length: int = 16  # responses of 4-16 tokens in the seed
     rloo_beta: float = 0.05  # TRL's default: KL folded into the reward
     grpo_beta: float = 0.04  # DeepSeekMath's value; TRL's default is 0.0, which loads no reference
@@ -249,18 +250,21 @@ def trainer_networks(trainer) -> dict[str, nn.Module]:
     return held
 
 
-def state_megabytes(networks: dict[str, nn.Module]) -> float:
+TRAINED_ROLES = ("policy", "critic (value head)")
+
+
+def state_megabytes(networks: dict[str, nn.Module], trained: Sequence[str] = TRAINED_ROLES) -> float:
     """Memory of the training *state*, computed rather than measured: every held network's weights,
-    plus a gradient and AdamW's two moment estimates (4 + 8 bytes) per trainable parameter.
-    Activations and the generation cache come on top (the measured RSS shows them)."""
+    plus a gradient and AdamW's two moment estimates (4 + 8 bytes) per parameter of the networks
+    being trained. Activations and the generation cache come on top (the measured RSS shows them)."""
     seen, total = set(), 0
-    for module in networks.values():
+    for role, module in networks.items():
         for parameter in module.parameters():
             if id(parameter) in seen:
                 continue
             seen.add(id(parameter))
             total += parameter.numel() * parameter.element_size()
-            if parameter.requires_grad:
+            if role in trained and parameter.requires_grad:
                 total += parameter.numel() * (4 + 8)
     return total / 2**20
 
@@ -273,6 +277,7 @@ class RunResult:
     model: nn.Module
     history: pd.DataFrame  # one row per logged step
     wall_s: float  # building the trainer (loading the reference...) + training
+    cpu_s: float  # CPU time of this process over the same span (unaffected by other programs' load)
     peak_rss_mb: float
     added_rss_mb: float
     state_mb: float
@@ -284,12 +289,12 @@ def measured_run(method: str, build: Callable[[], object], train: Callable[[obje
     """Build a trainer, train it, and measure wall time and resident memory around both."""
     gc.collect()
     with MemoryMonitor() as memory:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         trainer = build()
         history = train(trainer)
-        wall_s = time.perf_counter() - started
+        wall_s, cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
     held = networks(trainer)
-    return RunResult(method, held["policy"], history, wall_s, memory.peak_mb, memory.added_mb,
+    return RunResult(method, held["policy"], history, wall_s, cpu_s, memory.peak_mb, memory.added_mb,
                      state_megabytes(held), list(held))
 
 
@@ -349,9 +354,10 @@ def _group_args(config_class, config: BeyondPPOConfig, output_dir, beta: float):
                          f"{config.rl_minibatches} equal gradient steps")
     return trl_args(config_class, output_dir, seed=config.seed, beta=beta,
                     learning_rate=config.rl_learning_rate,
-                    max_steps=config.rl_rounds * config.rl_minibatches,  # TRL counts gradient steps
+                    max_steps=config.rl_rounds * config.rl_minibatches * config.rl_epochs,  # gradient steps
                     per_device_train_batch_size=completions // config.rl_minibatches,
-                    steps_per_generation=config.rl_minibatches,  # one sampling round feeds this many steps
+                    steps_per_generation=config.rl_minibatches,  # one sampling round, cut in minibatches
+                    num_iterations=config.rl_epochs,  # ... and passed over this many times
                     num_generations=config.rl_num_generations,
                     max_completion_length=config.rl_max_completion_length,
                     temperature=config.temperature, top_k=0, top_p=1.0)
@@ -385,7 +391,8 @@ def ppo_config_same_budget(config: BeyondPPOConfig):
 
     completions = config.rl_prompts_per_round * config.rl_num_generations
     return ppo.PPOConfig.for_profile(steps=config.rl_rounds, batch_size=completions,
-                                     mini_batch_size=completions // config.rl_minibatches, seed=config.seed)
+                                     mini_batch_size=completions // config.rl_minibatches,
+                                     ppo_epochs=config.rl_epochs, seed=config.seed)
 
 
 def train_ppo(queries: list[list[int]], reward: PositiveLogitReward, config: BeyondPPOConfig,

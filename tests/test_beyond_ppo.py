@@ -123,7 +123,7 @@ def initial_params(path):
 
 
 SMOKE = bp.BeyondPPOConfig(dpo_steps=2, dpo_batch_size=4, dpo_learning_rate=1e-3, dpo_max_length=32,
-                           rl_rounds=1, rl_minibatches=2, rl_prompts_per_round=2, rl_num_generations=2,
+                           rl_rounds=1, rl_minibatches=2, rl_epochs=1, rl_prompts_per_round=2, rl_num_generations=2,
                            rl_learning_rate=1e-3, rl_max_completion_length=6)
 
 
@@ -206,3 +206,21 @@ def test_memory_monitor_keeps_the_peak_seen_while_the_block_runs(monkeypatch):
 
 def test_memory_monitor_reads_this_process_rss():
     assert bp.MemoryMonitor.rss_mb() > 10
+
+
+def test_ppo_row_runs_the_course_ppo_on_the_same_budget(monkeypatch, classifier, reward_tokenizer,
+                                                         policy_tokenizer, tiny_policy_path):
+    from rlhf_course import ppo
+
+    def tiny_policy_and_reference(device="cpu"):
+        lm = GPT2LMHeadModel.from_pretrained(tiny_policy_path)
+        return ppo.PolicyWithValueHead(lm), ppo.frozen_reference(lm), policy_tokenizer
+
+    monkeypatch.setattr(ppo, "load_policy_and_reference", tiny_policy_and_reference)
+    ppo_config = bp.ppo_config_same_budget(SMOKE)
+    assert (ppo_config.steps, ppo_config.batch_size, ppo_config.mini_batch_size, ppo_config.ppo_epochs) == (1, 4, 2, 1)
+    queries = [policy_tokenizer(t)["input_ids"][:3] for t in TEXTS * 2]
+    result = bp.train_ppo(queries, bp.PositiveLogitReward(classifier, reward_tokenizer), SMOKE)
+    assert len(result.history) == 1 and result.history["reward"].map(math.isfinite).all()
+    assert result.models == ["policy", "critic (value head)", "reference", "reward model"]
+    assert changed(initial_params(tiny_policy_path), result.model)
