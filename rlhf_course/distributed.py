@@ -28,7 +28,7 @@ When is a run on N processes *equal* to one process?  With the global batch kept
 gradient all-reduce averages the per-process mean losses; that equals the mean loss of one process
 on the whole batch when each process's mini-batch carries the same number of loss terms (tokens),
 nothing random differs between the layouts (dropout off, greedy or identical samples) and the
-optimizer is the same.  Sampled responses differ (each process has its own random stream), and
+optimizer is the same.  Sampled responses differ (the random draws fall on different episodes), and
 with variable response lengths each process's token-mean gets equal weight, as in DeepSpeed-Chat
 and TRL; ``tests/test_distributed.py`` checks the equality in the settings where it must hold.
 """
