@@ -180,3 +180,16 @@ def test_config_validation_names_the_setting():
     full = ppo.PPOConfig.for_profile(ppo.Profile("full"))
     assert full.learning_rate == 1.41e-5 and full.batch_size == 128
     assert laptop.batch_size < full.batch_size
+
+
+def test_sample_next_token_draws_from_the_distribution():
+    probs = torch.tensor([0.7, 0.2, 0.1])
+    logits = probs.log().expand(20000, 3)
+    config = ppo.PPOConfig()
+    draws = ppo.sample_next_token(logits, config, torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(draws, minlength=3).float() / len(draws)
+    assert torch.allclose(frequencies, probs, atol=0.015)
+    greedy = ppo.sample_next_token(logits[:100], ppo.PPOConfig(top_k=1), torch.Generator().manual_seed(0))
+    assert torch.all(greedy == 0)
+    nucleus = ppo.sample_next_token(logits[:2000], ppo.PPOConfig(top_p=0.8), torch.Generator().manual_seed(0))
+    assert set(nucleus.tolist()) == {0, 1}
