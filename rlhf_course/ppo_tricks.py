@@ -392,3 +392,29 @@ def plot_kl_frontier(table: pd.DataFrame, names: Sequence[str], coefficients: Se
     ax.set_ylabel("reward (last quarter of steps)")
     ax.set_title("reward vs KL: the KL-coefficient frontier", fontsize=10)
     return ax
+
+
+# ============================================================================ 6. words from numbers
+
+
+def change_text(before: float, after: float, decimals: int = 3) -> str:
+    """'from 1.234 to 0.456 (-63%)': a measured change, for conclusions rendered from computed values."""
+    text = f"from {before:.{decimals}f} to {after:.{decimals}f}"
+    if before != 0 and math.isfinite(before) and math.isfinite(after):
+        text += f" ({(after - before) / abs(before):+.0%})"
+    return text
+
+
+def compare_word(before: float, after: float, noise: float, higher: str = "higher", lower: str = "lower",
+                 same: str = "about the same") -> str:
+    """``higher``/``lower`` when ``after`` differs from ``before`` by more than ``noise``, else ``same``.
+
+    ``noise`` is the yardstick a difference must beat, e.g. the gap between two seeds of the base run.
+    """
+    if not math.isfinite(noise) or noise < 0:
+        raise ValueError(f"noise must be a finite, non-negative yardstick, got {noise}")
+    if after > before + noise:
+        return higher
+    if after < before - noise:
+        return lower
+    return same

@@ -150,3 +150,13 @@ def test_write_results_csv_rounds_and_refuses_bad_tables(tmp_path):
     with pytest.raises(ValueError, match="lacks columns"):
         pd.DataFrame({"x": [1]}).to_csv(tmp_path / "other.csv", index=False)
         tricks.read_results_csv(tmp_path / "other.csv")
+
+
+def test_change_text_and_compare_word():
+    assert tricks.change_text(2.0, 1.0) == "from 2.000 to 1.000 (-50%)"
+    assert tricks.change_text(0.0, 1.0, decimals=1) == "from 0.0 to 1.0"
+    assert tricks.compare_word(1.0, 1.5, noise=0.2) == "higher"
+    assert tricks.compare_word(1.0, 0.5, noise=0.2) == "lower"
+    assert tricks.compare_word(1.0, 1.1, noise=0.2) == "about the same"
+    with pytest.raises(ValueError):
+        tricks.compare_word(1.0, 1.1, noise=-1)
