@@ -202,7 +202,7 @@ def encode(model, tokenizer, texts: list[str], padding_side: str = "right", batc
 
 
 def linear_probe(train_features: torch.Tensor, train_targets: torch.Tensor, test_features: torch.Tensor,
-                 alphas=(0.1, 1.0, 10.0, 100.0, 1000.0), folds: int = 5) -> tuple[torch.Tensor, float]:
+                 alphas=(0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5), folds: int = 5) -> tuple[torch.Tensor, float]:
     """Ridge regression head (closed form), ridge strength picked by ``folds``-fold cross-validation.
 
     Features are standardised with the training statistics.  Returns ``(test_predictions, alpha)``.

@@ -13,7 +13,9 @@ loss compares the two sequences token by token from the *divergence index* onwar
     score        = value at the last real token
 
 Lineage: the trlx summarize-RLHF reward model (CarperAI), DeepSpeed-Chat's ``RewardModel.forward``
-(step 2; arXiv 2308.01320) and LLaMA-Factory's pairwise trainer in its early releases.  The seeds
+(step 2; arXiv 2308.01320) and LLaMA-Factory's ``PairwiseTrainer`` in its 2023 releases, whose
+identical-pair rule (end = chosen length, div = end - 1) is the one used here (DeepSpeed-Chat ends
+that window at the padded length instead).  The seeds
 ``assert divergence_ind > 0``; here a pair that shares no prefix uses the same formula with div = 0
 (see notebook 03 for why the guard existed).  Note the range ``[div, end)`` runs to the *longer*
 sequence, so it includes padding positions of the shorter one: that is the seeds' behaviour, kept.
@@ -40,6 +42,8 @@ __all__ = [
     "token_level_pairwise_loss",
     "divergence_windows",
     "movie_preference_pairs",
+    "tokenize_pairs",
+    "trim_padding",
     "benchmark",
 ]
 
@@ -191,6 +195,43 @@ def movie_preference_pairs(max_pairs: int = 2000, seed: int = 0, max_words: int 
     ordered = ordered[:max_pairs]
     rng.shuffle(ordered)
     return ordered
+
+
+def tokenize_pairs(pairs: list[dict], tokenizer, max_length: int = 64) -> dict[str, torch.Tensor]:
+    """Tokenize ``prompt + chosen`` and ``prompt + rejected``, right-padded to one common length.
+
+    Returns the four id/mask tensors the token-level loss takes (``chosen_ids``, ``rejected_ids``,
+    ``chosen_mask``, ``rejected_mask``), each ``(pairs, seq_len)``.  Texts longer than
+    ``max_length`` tokens are truncated on the right (the shared prompt stays intact).
+    """
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token first.")
+    missing = [i for i, p in enumerate(pairs) if not {"prompt", "chosen", "rejected"} <= set(p)]
+    if missing:
+        raise ValueError(f"pair {missing[0]} lacks one of the fields prompt/chosen/rejected: {sorted(pairs[missing[0]])}")
+    previous = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    try:
+        encoded = {
+            side: tokenizer([p["prompt"] + p[side] for p in pairs], padding="longest", truncation=True,
+                            max_length=max_length, return_tensors="pt")
+            for side in ("chosen", "rejected")
+        }
+    finally:
+        tokenizer.padding_side = previous
+    length = max(e["input_ids"].shape[1] for e in encoded.values())
+    out = {}
+    for side, e in encoded.items():
+        extra = length - e["input_ids"].shape[1]
+        out[f"{side}_ids"] = F.pad(e["input_ids"], (0, extra), value=tokenizer.pad_token_id)
+        out[f"{side}_mask"] = F.pad(e["attention_mask"], (0, extra), value=0)
+    return out
+
+
+def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the columns that are padding in every row of both sides (saves compute per batch)."""
+    length = int(torch.maximum(batch["chosen_mask"].sum(dim=1), batch["rejected_mask"].sum(dim=1)).max())
+    return {key: value[:, :length] for key, value in batch.items()}
 
 
 # ----------------------------------------------------------------------------- benchmark
