@@ -517,8 +517,17 @@ def _language_pairs(language: str, profile: Profile, seed: int, verbose: bool):
         schema = "hh-rlhf" if language == "en" else "hh_rlhf_cn"
         split, reports = {}, []
         for name in ("train", "test"):
-            loaded, report = load_preference_records(hub_records(language, name), schema, language,
-                                                      HUB_DATASETS[language], name=f"{HUB_DATASETS[language]} {name}")
+            try:
+                records = hub_records(language, name)
+            except ValueError:  # a data set without a test split: hold out 5% of train, by prompt
+                if name == "train":
+                    raise
+                train, test = _split_by_prompt(split["train"], test_fraction=0.05)
+                split["train"], split["test"] = train, test
+                print(f"{HUB_DATASETS[language]} has no '{name}' split: held out {len(test)} train pairs by prompt")
+                continue
+            loaded, report = load_preference_records(records, schema, language, HUB_DATASETS[language],
+                                                      name=f"{HUB_DATASETS[language]} {name}")
             split[name] = loaded
             reports.append(report)
     if verbose:

@@ -18,7 +18,7 @@ import torch
 # Reference figures reported by the seeds (full profile, on the hub data sets).
 SEED_REFERENCES = [
     {"run": "ColossalAI (Coati) bloom-560m reward model", "data": "Anthropic/hh-rlhf", "accuracy": 0.619},
-    {"run": "DeepSpeed-Chat step 2 reward model", "data": "hh-rlhf family (Dahoas/rm-static ...)", "accuracy": 0.79},
+    {"run": "DeepSpeed-Chat step 2 reward model", "data": "the seed's step-2 data (hh-rlhf family)", "accuracy": 0.79},
 ]
 
 
