@@ -45,15 +45,16 @@ class BeyondPPOConfig:
     """
 
     seed: int = 0
-    # DPO (Rafailov et al. 2023 use beta 0.1 and lr 1e-6 with batch 64 on 6B+ models)
+    # DPO (Rafailov et al. 2023: beta 0.1, lr 1e-6, batch 64, on 1B+ pretrained models); the laptop
+    # policy is a 7M model trained from scratch, which takes a far larger learning rate
     dpo_beta: float = 0.1
-    dpo_learning_rate: float = 5e-6
-    dpo_steps: int = 20
-    dpo_batch_size: int = 4
-    dpo_max_length: int = 128
+    dpo_learning_rate: float = 5e-4
+    dpo_steps: int = 32  # one epoch of the 256 English training pairs of notebook 04
+    dpo_batch_size: int = 8
+    dpo_max_length: int = 64  # prompt + reply tokens; the laptop pairs are short
     # RLOO / GRPO (and the PPO row) on the sentiment task of notebook 07: every method samples the
     # same number of completions, rl_rounds x rl_prompts_per_round x rl_num_generations
-    rl_rounds: int = 8  # sampling rounds
+    rl_rounds: int = 12  # sampling rounds
     rl_prompts_per_round: int = 8
     rl_num_generations: int = 4  # k completions per prompt: the group (GRPO) / leave-one-out set (RLOO)
     rl_minibatches: int = 4  # gradient steps per pass over a round, each on an equal share of it
