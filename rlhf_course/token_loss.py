@@ -144,12 +144,14 @@ def token_level_pairwise_loss(
     _, _, window = divergence_windows(chosen_ids, rejected_ids, chosen_mask, rejected_mask)
     per_token = -F.logsigmoid(chosen_values - rejected_values)
     per_token = torch.where(window, per_token, torch.zeros_like(per_token))
-    per_pair = per_token.sum(dim=1) / window.sum(dim=1).to(per_token.dtype)
+    # Accumulate in at least fp32: an fp16 sum of many large terms overflows where a mean would not.
+    accumulate = torch.promote_types(per_token.dtype, torch.float32)
+    per_pair = per_token.sum(dim=1, dtype=accumulate) / window.sum(dim=1).to(accumulate)
     batch = torch.arange(chosen_values.shape[0], device=chosen_values.device)
     chosen_last = chosen_mask.long().sum(dim=1) - 1
     rejected_last = rejected_mask.long().sum(dim=1) - 1
     return TokenLossOutput(
-        loss=per_pair.mean(),
+        loss=per_pair.mean().to(chosen_values.dtype),
         chosen_scores=chosen_values[batch, chosen_last],
         rejected_scores=rejected_values[batch, rejected_last],
     )

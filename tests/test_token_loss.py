@@ -176,3 +176,15 @@ def test_tokenize_pairs_right_pads_both_sides_to_one_length():
     assert trimmed["chosen_ids"].shape == batch["chosen_ids"].shape
     with pytest.raises(ValueError, match="lacks"):
         tl.tokenize_pairs([{"prompt": "x", "chosen": "y"}], tokenizer)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_token_loss_finite_with_huge_values_in_every_dtype(dtype):
+    batch = tl.random_pair_batch(4, 12, vocab=5, seed=1, requires_grad=False)
+    batch["chosen_values"] = torch.full((4, 12), -1e4, dtype=dtype, requires_grad=True)
+    batch["rejected_values"] = torch.full((4, 12), 1e4, dtype=dtype, requires_grad=True)
+    for loss_fn in (tl.token_level_pairwise_loss, tl.token_level_pairwise_loss_reference):
+        loss = loss_fn(**batch).loss
+        (grad,) = torch.autograd.grad(loss, batch["chosen_values"])
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+        assert loss.float().item() == pytest.approx(2e4, rel=1e-2)
