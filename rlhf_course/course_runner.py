@@ -63,7 +63,6 @@ def benchmark_course(argv: list[str]) -> None:
     parser.add_argument("--only", default="*", help="glob of notebooks to run, e.g. '0[1-3]*'")
     args = parser.parse_args(argv)
     os.environ.setdefault("RLHF_PROFILE", "laptop")
-    os.environ.setdefault("MPLBACKEND", "Agg")
     paths = notebook_paths(args.only if args.only.endswith(".ipynb") else args.only + ".ipynb")
     if not paths:
         raise SystemExit(f"No notebooks match {args.only!r} in {NOTEBOOKS}")

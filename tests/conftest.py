@@ -6,9 +6,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("MPLBACKEND", "Agg")
 
+import matplotlib  # noqa: E402
 import pytest  # noqa: E402
+
+matplotlib.use("Agg")  # unit tests draw off-screen; notebook kernels keep their inline backend
 
 from rlhf_course import netguard  # noqa: E402
 
