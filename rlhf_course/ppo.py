@@ -130,7 +130,9 @@ class PolicyWithValueHead(nn.Module):
         self.lm = lm
         hidden = lm.config.hidden_size if hasattr(lm.config, "hidden_size") else lm.config.n_embd
         self.v_head = nn.Linear(hidden, 1)
-        nn.init.normal_(self.v_head.weight, std=1 / math.sqrt(hidden + 1))  # small, unbiased start
+        # Zero start: V = 0 everywhere, so the first advantages are the scores themselves (minus the
+        # batch mean, after whitening) rather than scores plus the noise of a random value head.
+        nn.init.zeros_(self.v_head.weight)
         nn.init.zeros_(self.v_head.bias)
         self.v_head.to(next(lm.parameters()).device)
         disable_dropout(self)
