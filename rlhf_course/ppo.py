@@ -96,7 +96,7 @@ class PPOConfig:
         profile = profile or current_profile()
         values = {} if profile.is_full else dict(
             min_review_chars=150,  # laptop snippets are <= 255 chars: > 200 keeps only 638 of them
-            steps=20, batch_size=32, mini_batch_size=8, learning_rate=1e-4, forward_batch_size=32,
+            steps=20, batch_size=32, mini_batch_size=8, learning_rate=3e-4, forward_batch_size=32,
             max_grad_norm=1.0,
         )
         values.update(overrides)
