@@ -38,6 +38,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from rlhf_course import distributed
 from rlhf_course.profiles import Profile, current_profile
 
 RewardFn = Callable[[list[str]], torch.Tensor]
@@ -488,8 +489,11 @@ def per_token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef: float):
 @torch.no_grad()
 def make_experience(policy: PolicyWithValueHead, reference: nn.Module, tokenizer, reward_fn: RewardFn,
                     queries: list[list[int]], config: PPOConfig, kl_coef: float, rng: random.Random,
-                    score_moments: RunningMoments | None = None, device="cpu") -> Rollout:
-    """Sample, score, and compute everything the update needs, with no gradient."""
+                    score_moments: RunningMoments | None = None, device="cpu", accelerator=None) -> Rollout:
+    """Sample, score, and compute everything the update needs, with no gradient.
+
+    Under ``accelerate`` each process handles its share of the queries; the reward-scaling and
+    whitening statistics are taken over every process's episodes (``rlhf_course.distributed``)."""
     policy.eval()
     query_ids, query_mask, response_ids, response_mask = generate_batch(policy.lm, queries, tokenizer, config, rng, device)
     query_texts = tokenizer.batch_decode(query_ids.masked_fill(query_mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
@@ -499,7 +503,7 @@ def make_experience(policy: PolicyWithValueHead, reference: nn.Module, tokenizer
         raise ValueError(f"reward_fn returned shape {tuple(raw_scores.shape)}; expected one score per text ({len(queries)})")
     scores = raw_scores
     if score_moments is not None:  # [37 detail 5] reward scaling: divide by the running std, keep the mean
-        score_moments.update(raw_scores)
+        score_moments.update(distributed.gather(raw_scores, accelerator))
         scores = raw_scores / score_moments.std
     logprobs, ref_logprobs, values = [], [], []
     for chunk in torch.arange(len(queries)).split(config.forward_batch_size):  # bounded memory
@@ -514,7 +518,7 @@ def make_experience(policy: PolicyWithValueHead, reference: nn.Module, tokenizer
     rewards, _ = per_token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
     advantages, returns = compute_gae(rewards, values, mask, config.gamma, config.lam)
     if config.whiten_advantages:  # [37 detail 7] after computing returns, so value targets keep their scale
-        advantages = masked_whiten(advantages, mask)
+        advantages = distributed.masked_whiten(advantages, mask, accelerator)  # = masked_whiten on one process
     return Rollout(query_ids, query_mask, response_ids, response_mask, scores, raw_scores, logprobs * mask,
                    ref_logprobs * mask, values * mask, rewards, advantages, returns, query_texts, response_texts)
 
@@ -549,14 +553,18 @@ def clipped_value_loss(values, old_values, returns, mask, cliprange_value: float
 
 
 def ppo_update(policy: PolicyWithValueHead, optimizer, rollout: Rollout, config: PPOConfig, generator: torch.Generator,
-               device="cpu") -> dict:
-    """``ppo_epochs`` passes over the rollout in shuffled mini-batches  [PPO][37 detail 6]."""
+               device="cpu", accelerator=None) -> dict:
+    """``ppo_epochs`` passes over the rollout in shuffled mini-batches  [PPO][37 detail 6].
+
+    Under ``accelerate`` the rollout is this process's share and so is each mini-batch
+    (``mini_batch_size`` / processes); DDP averages the gradients, the stats are averaged too."""
     policy.train()
     disable_dropout(policy)
     stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "entropy", "clip_fraction", "value_clip_fraction", "approx_kl", "grad_norm")}
     batch = len(rollout.scores)
+    mini_batch = distributed.per_process(config.mini_batch_size, accelerator, "mini_batch_size")  # this process's share
     for _ in range(config.ppo_epochs):
-        for index in torch.randperm(batch, generator=generator).split(config.mini_batch_size):
+        for index in torch.randperm(batch, generator=generator).split(mini_batch):
             query_ids, query_mask, response_ids, response_mask = (
                 t[index].to(device) for t in (rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask))
             mask = response_mask.float()
@@ -573,15 +581,15 @@ def ppo_update(policy: PolicyWithValueHead, optimizer, rollout: Rollout, config:
                     entropy = masked_mean(entropy_of(logits), mask)
             loss = policy_loss + config.vf_coef * value_loss - config.entropy_coef * entropy  # [PPO eq. 9]
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm or float("inf"))
+            distributed.backward(loss, accelerator)  # loss.backward(), or accelerate's (DDP all-reduce, DeepSpeed)
+            grad_norm = distributed.clip_grad_norm(policy, config.max_grad_norm, accelerator)
             optimizer.step()
             for key, value in (("policy_loss", policy_loss), ("value_loss", value_loss), ("entropy", entropy),
                                ("clip_fraction", clip_fraction), ("value_clip_fraction", value_clip_fraction),
                                ("approx_kl", approx_kl), ("grad_norm", grad_norm)):
                 stats[key].append(float(value.detach()) if torch.is_tensor(value) else float(value))
     policy.eval()
-    return {key: sum(v) / len(v) for key, v in stats.items()}
+    return distributed.mean_across({key: sum(v) / len(v) for key, v in stats.items()}, accelerator)
 
 
 def rollout_stats(rollout: Rollout, kl_coef: float) -> dict:
@@ -606,11 +614,18 @@ def rollout_stats(rollout: Rollout, kl_coef: float) -> dict:
 
 def train_ppo(config: PPOConfig, policy: PolicyWithValueHead, reference: nn.Module, tokenizer, reward_fn: RewardFn,
               queries: list[list[int]], callback: Callable[[int, dict, list[dict]], None] | None = None,
-              progress: bool = True, device: torch.device | str = "cpu") -> list[dict]:
+              progress: bool = True, device: torch.device | str = "cpu", accelerator=None,
+              checkpoint_every: int | None = None, checkpoint_dir: Path | str | None = None,
+              resume_from: Path | str | None = None) -> list[dict]:
     """Run ``config.steps`` PPO steps; return one metrics dict per step (also passed to ``callback``).
 
     ``callback(step, metrics, history)`` is called after every step (live plots, early stops: raise
     ``StopIteration`` in it to end the run).  Queries are cycled in order, reshuffled each epoch.
+
+    Scale-out (``rlhf_course.distributed``; ``python -m rlhf_course.train_ppo`` under ``accelerate
+    launch``): pass the ``accelerator``; ``batch_size`` and ``mini_batch_size`` stay global and each
+    process takes its slice.  ``checkpoint_every`` N steps writes ``checkpoint_dir/step-N`` (model,
+    optimizer, RNGs, counters); ``resume_from`` such a folder continues the run exactly.
     """
     from tqdm.auto import tqdm
 
@@ -623,26 +638,45 @@ def train_ppo(config: PPOConfig, policy: PolicyWithValueHead, reference: nn.Modu
     kl_controller = (AdaptiveKLController(config.init_kl_coef, config.kl_target, config.kl_horizon)
                      if config.adaptive_kl else FixedKLController(config.init_kl_coef))
     score_moments = RunningMoments() if config.scale_rewards else None
-    order, cursor, history = list(range(len(queries))), len(queries), []
+    order, cursor, history, first_step = list(range(len(queries))), len(queries), [], 0
     if len(queries) < config.batch_size:
         raise ValueError(f"{len(queries)} queries is fewer than batch_size={config.batch_size}")
-    bar = tqdm(range(config.steps), desc="PPO", disable=not progress)
+    if checkpoint_every and checkpoint_dir is None:
+        raise ValueError("checkpoint_every needs a checkpoint_dir to write step-N folders into")
+    micro_batch = distributed.per_process(config.mini_batch_size, accelerator, "mini_batch_size")
+    distributed.per_process(config.batch_size, accelerator, "batch_size")
+    policy, optimizer = distributed.prepare(accelerator, policy, optimizer, micro_batch, config.max_grad_norm)  # DDP / DeepSpeed
+    model = distributed.unwrap(policy, accelerator)  # the plain module, for generation
+    if resume_from is not None:  # model, optimizer and RNGs in place; the loop's own state returned
+        state = distributed.load_checkpoint(resume_from, policy, optimizer, accelerator)
+        first_step, order, cursor, history = state["step"], state["order"], state["cursor"], state["history"]
+        rng.setstate(state["rng"])
+        generator.set_state(state["generator"])
+        kl_controller.value = state["kl_coef"]
+        if score_moments is not None:
+            score_moments.__dict__.update(state["score_moments"])
+    bar = tqdm(range(first_step, config.steps), desc="PPO", disable=not progress or not distributed.is_main(accelerator))
     for step in bar:
         if cursor + config.batch_size > len(order):  # new epoch over the prompts
             rng.shuffle(order)
             cursor = 0
-        batch_queries = [queries[i] for i in order[cursor:cursor + config.batch_size]]
+        batch_queries = distributed.shard([queries[i] for i in order[cursor:cursor + config.batch_size]], accelerator)
         cursor += config.batch_size
         started = time.time()
-        rollout = make_experience(policy, reference, tokenizer, reward_fn, batch_queries, config,
-                                  kl_controller.value, rng, score_moments, device)
+        rollout = make_experience(model, reference, tokenizer, reward_fn, batch_queries, config,
+                                  kl_controller.value, rng, score_moments, device, accelerator)
         experience_seconds = time.time() - started
-        metrics = {"step": step, **rollout_stats(rollout, kl_controller.value)}
-        metrics.update(ppo_update(policy, optimizer, rollout, config, generator, device))
+        metrics = {"step": step, **rollout_stats(distributed.gather_rollout(rollout, accelerator), kl_controller.value)}
+        metrics.update(ppo_update(policy, optimizer, rollout, config, generator, device, accelerator))
         kl_controller.update(metrics["kl"], config.batch_size)  # [Ziegler] adapt beta after each batch
         metrics["experience_seconds"] = experience_seconds
         metrics["step_seconds"] = time.time() - started
         history.append(metrics)
+        if checkpoint_every and (step + 1) % checkpoint_every == 0:  # everything needed to continue exactly
+            state = {"step": step + 1, "order": order, "cursor": cursor, "history": history, "rng": rng.getstate(),
+                     "generator": generator.get_state(), "kl_coef": kl_controller.value,
+                     "score_moments": dict(score_moments.__dict__) if score_moments is not None else None}
+            distributed.save_checkpoint(Path(checkpoint_dir) / f"step-{step + 1}", policy, optimizer, state, accelerator)
         bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", kl=f"{metrics['kl']:.2f}")
         if callback is not None:
             try:

@@ -1,0 +1,161 @@
+"""Script entry point: PPO on the sentiment task, on one process or many (``accelerate launch``).
+
+    python -m rlhf_course.train_ppo --profile laptop --output-dir out/ppo
+    accelerate launch --config_file configs/accelerate/multi_gpu_ddp.yaml -m rlhf_course.train_ppo \\
+        --profile full --output-dir out/ppo --checkpoint-every 20
+    accelerate launch ... -m rlhf_course.train_ppo ... --resume-from latest   (after an interruption)
+
+The training itself is ``rlhf_course.ppo.train_ppo``, the function notebook 07 calls; this script
+only builds its inputs (policy, frozen reference, reward, queries), hands it an ``Accelerator`` and
+writes the results from the main process: ``policy/`` (the trained LM + value head),
+``history.json`` (one metrics line per step, averaged over all processes), ``ranks.json`` (what
+each process did) and ``checkpoints/step-N/``.  ``batch_size`` and ``mini_batch_size`` are global:
+the same numbers give the same update on 1 or N processes (``rlhf_course.distributed``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from rlhf_course import distributed, netguard, ppo
+from rlhf_course.profiles import Profile, seed_everything
+
+REWARDS = ("sentiment", "length")
+HISTORY = "history.json"
+
+
+class RecordingReward:
+    """Wraps a reward function and records what this process scored (episode count, first batch).
+
+    ``ranks.json`` keeps the record of every process, so a test can check that each process
+    scored its own share of every global batch.
+    """
+
+    def __init__(self, reward_fn):
+        self.reward_fn, self.episodes, self.first_texts = reward_fn, 0, None
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        if self.first_texts is None:
+            self.first_texts = list(texts)
+        self.episodes += len(texts)
+        return self.reward_fn(texts)
+
+
+def length_reward(texts: list[str]) -> torch.Tensor:
+    """Characters / 50: a free, deterministic stand-in reward for timing runs and tests."""
+    return torch.tensor([len(text) / 50 for text in texts], dtype=torch.float)
+
+
+def load_reward(name: str, device) -> object:
+    if name == "sentiment":
+        from rlhf_course.sentiment import sentiment_reward
+
+        return sentiment_reward(device)  # the profile's classifier: POSITIVE logit (notebook 06)
+    if name == "length":
+        return length_reward
+    raise ValueError(f"--reward {name!r} is not known; choose one of {REWARDS}")
+
+
+def load_policy(path: str | None, device):
+    """``(policy with value head, frozen reference, tokenizer)``: the profile's SFT policy (notebook 06)
+    or any causal LM folder with its tokenizer (``--policy``)."""
+    if path is None:
+        return ppo.load_policy_and_reference(device)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"--policy {path} is not a folder; pass a folder written by save_pretrained "
+                                "(model and tokenizer), or leave it out to use the profile's SFT policy")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    lm = AutoModelForCausalLM.from_pretrained(path).to(device)
+    return ppo.PolicyWithValueHead(lm), ppo.frozen_reference(lm), tokenizer
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m rlhf_course.train_ppo", description=__doc__.split("\n")[0])
+    parser.add_argument("--profile", choices=("laptop", "full"), default=None,
+                        help="laptop (small SFT policy, packaged reviews, CPU) or full (gpt2-imdb, IMDB, GPU); "
+                             "default: $RLHF_PROFILE or laptop")
+    parser.add_argument("--output-dir", required=True, help="where policy/, history.json and checkpoints/ go")
+    parser.add_argument("--policy", default=None, help="a causal LM folder (default: the profile's SFT policy)")
+    parser.add_argument("--reward", choices=REWARDS, default="sentiment",
+                        help="sentiment: the profile's classifier (default); length: a free stand-in for tests")
+    parser.add_argument("--n-eval", type=int, default=64, help="queries held out of training (as notebook 07)")
+    parser.add_argument("--checkpoint-every", type=int, default=None, help="write checkpoints/step-N every N steps")
+    parser.add_argument("--resume-from", default=None,
+                        help="a checkpoints/step-N folder, or 'latest' for the newest one under --output-dir")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU exists")
+    for field in dataclasses.fields(ppo.PPOConfig):  # every PPOConfig setting, e.g. --batch-size 64
+        kind = {"int": int, "float": float, "str": str, "bool": None}.get(str(field.type).split(" ")[0], float)
+        flag = "--" + field.name.replace("_", "-")
+        if kind is None:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parser.add_argument(flag, type=kind, default=None)
+    return parser.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> ppo.PPOConfig:
+    names = {field.name for field in dataclasses.fields(ppo.PPOConfig)}
+    overrides = {name: value for name, value in vars(args).items() if name in names and value is not None}
+    return ppo.PPOConfig.for_profile(Profile(args.profile), **overrides)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Parse ``argv``, train with ``ppo.train_ppo`` on every process, save from the main process."""
+    netguard.install_if_requested()  # RLHF_COURSE_NETWORK_GUARD=1: offline runs fail fast on any download
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.profile:
+        os.environ["RLHF_PROFILE"] = args.profile  # the asset loaders read the profile from here
+    args.profile = args.profile or os.environ.get("RLHF_PROFILE", "laptop")
+    config = config_from_args(args)
+    accelerator = distributed.make_accelerator(cpu=True if args.cpu else None)
+    output_dir = Path(args.output_dir)
+    resume_from = args.resume_from
+    if resume_from == "latest":
+        resume_from = distributed.latest_checkpoint(output_dir / "checkpoints")
+        if resume_from is None:
+            raise FileNotFoundError(f"--resume-from latest: no complete checkpoint under {output_dir / 'checkpoints'}")
+
+    seed_everything(config.seed)  # the value head's initial weights: the same on 1 or N processes
+    with accelerator.main_process_first():  # laptop assets are built once, by the main process
+        policy, reference, tokenizer = load_policy(args.policy, accelerator.device)
+        reward_fn = RecordingReward(load_reward(args.reward, accelerator.device))
+        train_queries, _ = ppo.train_and_eval_queries(tokenizer, config, n_eval=args.n_eval)
+    if distributed.is_main(accelerator):
+        print(f"PPO | profile {args.profile} | {distributed.world_size(accelerator)} process(es), "
+              f"{accelerator.distributed_type.value} on {accelerator.device} | global batch {config.batch_size}, "
+              f"mini-batch {config.mini_batch_size} | {config.steps} steps | {len(train_queries)} queries", flush=True)
+
+    history = ppo.train_ppo(config, policy, reference, tokenizer, reward_fn, train_queries, device=accelerator.device,
+                            accelerator=accelerator, checkpoint_every=args.checkpoint_every,
+                            checkpoint_dir=output_dir / "checkpoints", resume_from=resume_from)
+
+    def save():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        policy.save(output_dir / "policy", tokenizer)  # the unwrapped module: DDP trained it in place
+        ppo.save_history(history, output_dir / HISTORY)
+        (output_dir / "ppo_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
+
+    distributed.on_main(save, accelerator)
+    distributed.write_rank_report(output_dir, accelerator, episodes=reward_fn.episodes,
+                                  first_texts=reward_fn.first_texts, steps=len(history))
+    if distributed.is_main(accelerator) and history:
+        last = history[-1]
+        print(json.dumps({"folder": str(output_dir), "steps": len(history), "reward_mean": round(last["reward_mean"], 4),
+                          "kl": round(last["kl"], 4)}), flush=True)
+    accelerator.end_training()
+    return history
+
+
+if __name__ == "__main__":
+    main()
