@@ -418,3 +418,21 @@ def compare_word(before: float, after: float, noise: float, higher: str = "highe
     if after < before - noise:
         return lower
     return same
+
+
+def final_reward_standard_error(result: RunResult, fraction: float = 0.25) -> float:
+    """Standard error of the 'final' mean reward: per-step reward std over sqrt(episodes averaged)."""
+    history = result.history
+    tail = max(1, int(round(len(history) * fraction)))
+    variance = float((history["reward_std"].iloc[-tail:] ** 2).mean())
+    return math.sqrt(variance / (tail * result.config.batch_size))
+
+
+def noise_yardstick(result: RunResult, other_seed: RunResult) -> float:
+    """How far apart two final rewards must be before one short run can call them different.
+
+    The larger of (a) the gap between two seeds of the same configuration and (b) two standard
+    errors of a difference of two final means (2 * sqrt(2) * SE of one run's final mean).
+    """
+    seed_gap = abs(final_mean(result.history["reward_mean"]) - final_mean(other_seed.history["reward_mean"]))
+    return max(seed_gap, 2 * math.sqrt(2) * final_reward_standard_error(result))
