@@ -2,7 +2,8 @@
 
     python -m rlhf_course.train_reward --profile laptop --language en --trainer trl --output-dir out/rm-en
     python -m rlhf_course.train_reward --profile full --language bilingual --base-model qwen2-0.5b ...
-    accelerate launch -m rlhf_course.train_reward --profile full ...   (a cluster, later)
+    accelerate launch --config_file configs/accelerate/multi_gpu_ddp.yaml -m rlhf_course.train_reward --profile full ...
+        (several GPUs: docs/cluster.md; --checkpoint-every N, --resume-from <output-dir>/trainer/checkpoint-N)
 
 Notebooks 04 and 05 call the same ``run(config)`` (or ``cached_run``), so a notebook run and a
 script run are one code path.  ``main(argv)`` only parses arguments into a ``RewardTrainingConfig``.
@@ -19,7 +20,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf_course import data, reward_eval
+from rlhf_course import data, distributed, reward_eval
 from rlhf_course.profiles import Profile, seed_everything
 from rlhf_course.reward_training import (
     RewardTrainingConfig,
@@ -66,8 +67,14 @@ class RunResult:
         return pd.read_csv(self.folder / TEST_SCORES)
 
 
-def run(config: RewardTrainingConfig, output_dir, verbose: bool = True) -> RunResult:
-    """Load data and model, train with the chosen trainer, evaluate on the test pairs, save."""
+def run(config: RewardTrainingConfig, output_dir, verbose: bool = True, checkpoint_every: int | None = None,
+        resume_from=None) -> RunResult:
+    """Load data and model, train with the chosen trainer, evaluate on the test pairs, save.
+
+    Under ``accelerate launch`` the Trainer shards the batches (``batch_size`` is per process) and
+    averages the logged loss; only the main process evaluates and saves.  ``checkpoint_every`` N
+    steps writes ``output_dir/trainer/checkpoint-N``; ``resume_from`` one of them (or "latest") continues.
+    """
     seed_everything(config.seed)
     output_dir = Path(output_dir)
     profile = Profile(config.profile)
@@ -80,7 +87,8 @@ def run(config: RewardTrainingConfig, output_dir, verbose: bool = True) -> RunRe
     if config.trainer == "trl":
         from datasets import Dataset
 
-        trainer = trl_trainer(model, tokenizer, Dataset.from_pandas(train_frame), config, output_dir / "trainer")
+        trainer = trl_trainer(model, tokenizer, Dataset.from_pandas(train_frame), config, output_dir / "trainer",
+                              **distributed.trainer_checkpoint_args(checkpoint_every))
     elif config.trainer == "pairwise":
         tokenized, report = data.tokenize_pairs(train_frame, tokenizer, config.max_length)
         if verbose:
@@ -88,27 +96,35 @@ def run(config: RewardTrainingConfig, output_dir, verbose: bool = True) -> RunRe
         # Length-grouped batches waste less compute on padding; the length column is the fix for the
         # seed's group_by_length error (notebook 04, section 4.7).
         trainer = pairwise_trainer(model, tokenizer, add_length_column(tokenized), config, output_dir / "trainer",
-                                   train_sampling_strategy="group_by_length")
+                                   train_sampling_strategy="group_by_length",
+                                   **distributed.trainer_checkpoint_args(checkpoint_every))
     else:
         raise ValueError(f"trainer={config.trainer!r} is not known; use 'trl' or 'pairwise'")
+    steps = distributed.make_step_counter()
+    trainer.add_callback(steps)
+    verbose = verbose and trainer.is_world_process_zero()
     if verbose:
         trainable, total = trainable_parameters(trainer.model)
         print(f"{config.trainer} trainer | {config.base_model} | {len(train_frame)} training pairs | "
               f"trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
 
     started = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=True if resume_from == "latest" else str(resume_from) if resume_from else None)
     train_seconds = time.perf_counter() - started
 
-    started = time.perf_counter()
-    scored = reward_eval.score_pairs(trainer.model, tokenizer, test_frame, max_length=config.max_length)
-    metrics = {**reward_eval.summary(scored), "train_seconds": round(train_seconds, 1),
-               "eval_seconds": round(time.perf_counter() - started, 1), "train_pairs": len(train_frame)}
-    save_reward_model(trainer.model, tokenizer, output_dir, config, metrics)
-    (output_dir / TRAIN_LOG).write_text(json.dumps(training_log(trainer), indent=1))
-    scored.to_csv(output_dir / TEST_SCORES, index=False)
-    if verbose:
-        print(reward_eval.deepspeed_log_line(scored))
+    metrics = {}
+    if trainer.is_world_process_zero():  # one process evaluates and writes; the others wait for it
+        started = time.perf_counter()
+        model = distributed.unwrap(trainer.model, trainer.accelerator)
+        scored = reward_eval.score_pairs(model, tokenizer, test_frame, max_length=config.max_length)
+        metrics = {**reward_eval.summary(scored), "train_seconds": round(train_seconds, 1),
+                   "eval_seconds": round(time.perf_counter() - started, 1), "train_pairs": len(train_frame)}
+        save_reward_model(model, tokenizer, output_dir, config, metrics)
+        (output_dir / TRAIN_LOG).write_text(json.dumps(training_log(trainer), indent=1))
+        scored.to_csv(output_dir / TEST_SCORES, index=False)
+        if verbose:
+            print(reward_eval.deepspeed_log_line(scored))
+    distributed.write_rank_report(output_dir, trainer.accelerator, steps=steps.steps)  # waits for the main process
     return RunResult(output_dir, config, metrics, training_log(trainer))
 
 
@@ -127,6 +143,10 @@ def parse_args(argv: list[str]) -> tuple[RewardTrainingConfig, str | None]:
     parser.add_argument("--profile", choices=("laptop", "full"), default=None,
                         help="laptop (SmolLM2, packaged data, CPU) or full (hub models and data, GPU)")
     parser.add_argument("--output-dir", default=None, help="where to save; default: the course cache")
+    parser.add_argument("--checkpoint-every", type=int, default=None,
+                        help="save a resumable checkpoint every N steps (needs --output-dir)")
+    parser.add_argument("--resume-from", default=None,
+                        help="a <output-dir>/trainer/checkpoint-N folder, or 'latest' for the newest one")
     for f in dataclasses.fields(RewardTrainingConfig):
         if f.name in ("profile", "extra"):
             continue
@@ -142,7 +162,8 @@ def parse_args(argv: list[str]) -> tuple[RewardTrainingConfig, str | None]:
             kind = {"int": int, "float": float, "str": str}.get(str(f.type), str)
             parser.add_argument(flag, type=kind, default=None)
     args = parser.parse_args(argv)
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("profile", "output_dir")}
+    given = {k: v for k, v in vars(args).items()
+             if v is not None and k not in ("profile", "output_dir", "checkpoint_every", "resume_from")}
     # Explicit "none" for optional sizes must survive the "not given" filter above.
     for name in ("train_size", "test_size", "lora_last_layers"):
         if f"--{name.replace('_', '-')}" in argv and getattr(args, name) is None:
@@ -154,9 +175,19 @@ def parse_args(argv: list[str]) -> tuple[RewardTrainingConfig, str | None]:
 
 def main(argv: list[str] | None = None) -> RunResult:
     """Parse ``argv`` into a config and run it (into ``--output-dir``, or cached)."""
-    config, output_dir = parse_args(sys.argv[1:] if argv is None else argv)
-    result = run(config, output_dir) if output_dir else cached_run(config)
-    print(json.dumps({"folder": str(result.folder), **result.metrics}, indent=1))
+    argv = sys.argv[1:] if argv is None else argv
+    config, output_dir = parse_args(argv)
+    scale_out = argparse.ArgumentParser(add_help=False)
+    scale_out.add_argument("--checkpoint-every", type=int, default=None)
+    scale_out.add_argument("--resume-from", default=None)
+    scale_out = scale_out.parse_known_args(argv)[0]
+    if not output_dir and (distributed.launched_distributed() or scale_out.checkpoint_every or scale_out.resume_from):
+        raise SystemExit("--output-dir is required with accelerate launch, --checkpoint-every or --resume-from "
+                         "(the course cache is for single-process runs)")
+    result = (run(config, output_dir, checkpoint_every=scale_out.checkpoint_every, resume_from=scale_out.resume_from)
+              if output_dir else cached_run(config))
+    if result.metrics:  # empty on all but the main process under accelerate launch
+        print(json.dumps({"folder": str(result.folder), **result.metrics}, indent=1))
     return result
 
 

@@ -18,7 +18,6 @@ is hidden (torchrun + gloo, Accelerate's MULTI_CPU).  Tiny models from configs, 
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import socket
@@ -35,9 +34,6 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from rlhf_course import assets, distributed, ppo, train_ppo, train_reward
 
 TIMINGS = {}  # printed at the end of the module (pytest -s) for the report
-needs_reward_scale_out = pytest.mark.skipif(
-    "checkpoint_every" not in inspect.signature(train_reward.run).parameters,
-    reason="train_reward.run has no checkpoint_every/resume_from yet (scale-out change pending)")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -262,7 +258,6 @@ def reward_args(base_folder, output_dir, batch_size: int, *extra) -> list[str]:
             *extra]
 
 
-@needs_reward_scale_out
 def test_reward_training_two_processes_equal_one_process(tiny_base_model_folder, tmp_path):
     """TRL's RewardTrainer (the default): 2 processes x 2 pairs = 1 process x 4 pairs per step."""
     started = time.perf_counter()
@@ -282,7 +277,6 @@ def test_reward_training_two_processes_equal_one_process(tiny_base_model_folder,
     assert one.metrics["accuracy"] == two.metrics["accuracy"]  # evaluated once, by the main process
 
 
-@needs_reward_scale_out
 def test_reward_training_resumed_from_a_checkpoint_equals_the_uninterrupted_run(tiny_base_model_folder, tmp_path):
     """The seed's pairwise Trainer with LoRA dropout ON: the restored RNG must replay the same masks."""
     args = ["--trainer", "pairwise", "--lora-dropout", "0.1"]
