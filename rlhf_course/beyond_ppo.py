@@ -76,8 +76,10 @@ def trl_args(config_class, output_dir: str | Path, **overrides):
     * ``use_cpu=True`` and ``bf16=False`` on CPU: TRL configs default ``bf16=True``, and constructing
       one without a bf16-capable accelerator raises.
     * ``report_to="none"``: no wandb/tensorboard autodetection.
-    * ``gradient_checkpointing=False``: TRL defaults it to True, which saves memory on a GPU and
-      costs a second forward pass, a bad trade on a CPU with small models.
+    * ``activation_checkpointing=False``: TRL defaults (gradient) checkpointing to True, which saves
+      memory on a GPU and costs a second forward pass, a bad trade on a CPU with small models.
+      transformers 5.23 renamed ``gradient_checkpointing`` to ``activation_checkpointing``; the old
+      name still works but warns, so we set the new one.
     * ``save_strategy="no"``: the course saves what it keeps itself.
     """
     cpu = on_cpu()
@@ -86,7 +88,7 @@ def trl_args(config_class, output_dir: str | Path, **overrides):
         use_cpu=cpu,
         bf16=(not cpu) and torch.cuda.is_bf16_supported(),
         report_to="none",
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         save_strategy="no",
         logging_steps=1,
         disable_tqdm=False,
