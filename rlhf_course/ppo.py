@@ -47,6 +47,18 @@ RewardFn = Callable[[list[str]], torch.Tensor]
 # ============================================================================ 1. configuration
 
 
+LR_SCHEDULES = {
+    "constant": lambda step, steps: 1.0,
+    "linear": lambda step, steps: max(0.0, 1.0 - step / steps),  # CleanRL anneals once per rollout  [37 detail 4]
+}
+
+
+def learning_rate_at(config: "PPOConfig", step: int) -> float:
+    """The learning rate of PPO step ``step`` under ``config.lr_schedule`` (a pure function of the
+    step, so a run resumed from a checkpoint continues the schedule exactly)."""
+    return config.learning_rate * LR_SCHEDULES[config.lr_schedule](step, config.steps)
+
+
 @dataclass
 class PPOConfig:
     """Every PPO setting in one place.  Defaults are the seed's (TRL 0.x ``PPOConfig`` as used by
@@ -70,6 +82,7 @@ class PPOConfig:
     learning_rate: float = 1.41e-5
     adam_eps: float = 1e-8
     max_grad_norm: float | None = None  # [37] global gradient clipping (TRL0 default: off)
+    lr_schedule: str = "constant"  # "constant" (TRL0) or "linear": decay to 0 over `steps`  [37 detail 4]
     forward_batch_size: int = 64  # chunk size of the no-grad forward passes in make-experience
     # --- RL
     gamma: float = 1.0  # no discounting inside a 4-16 token episode  [TRL0]
@@ -106,6 +119,8 @@ class PPOConfig:
         return config
 
     def validate(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r}; choose one of {sorted(LR_SCHEDULES)}")
         if self.batch_size % self.mini_batch_size:
             raise ValueError(f"batch_size={self.batch_size} must be a multiple of mini_batch_size={self.mini_batch_size}")
         if not 1 <= self.query_min_tokens < self.query_max_tokens:
@@ -592,8 +607,13 @@ def ppo_update(policy: PolicyWithValueHead, optimizer, rollout: Rollout, config:
     return distributed.mean_across({key: sum(v) / len(v) for key, v in stats.items()}, accelerator)
 
 
-def rollout_stats(rollout: Rollout, kl_coef: float) -> dict:
+def rollout_stats(rollout: Rollout, kl_coef: float, eos_id: int | None = None) -> dict:
+    """Per-batch means for the logs.  ``eos_fraction``: share of responses whose last kept token is
+    EOS, i.e. that the policy ended itself rather than running out of its length budget."""
     mask = rollout.response_mask.float()
+    lengths = rollout.response_mask.sum(1)
+    last_tokens = rollout.response_ids.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
+    ended_by_eos = (last_tokens == eos_id) & (lengths > 0) if eos_id is not None else torch.zeros_like(lengths, dtype=torch.bool)
     kl_per_episode = ((rollout.logprobs - rollout.ref_logprobs) * mask).sum(1)  # nats per response
     return {
         "reward_mean": rollout.raw_scores.mean().item(),
@@ -602,7 +622,7 @@ def rollout_stats(rollout: Rollout, kl_coef: float) -> dict:
         "kl_coef": kl_coef,
         "non_score_reward": (-kl_coef * kl_per_episode).mean().item(),
         "response_length": mask.sum(1).mean().item(),
-        "eos_fraction": (mask.sum(1) < (rollout.response_ids.shape[1])).float().mean().item(),
+        "eos_fraction": ended_by_eos.float().mean().item() if eos_id is not None else float("nan"),
         "value_mean": masked_mean(rollout.values, mask).item(),
         "return_mean": masked_mean(rollout.returns, mask).item(),
         "return_var": masked_var(rollout.returns, mask).item() if mask.sum() > 1 else 0.0,
@@ -662,11 +682,15 @@ def train_ppo(config: PPOConfig, policy: PolicyWithValueHead, reference: nn.Modu
             cursor = 0
         batch_queries = distributed.shard([queries[i] for i in order[cursor:cursor + config.batch_size]], accelerator)
         cursor += config.batch_size
+        for group in optimizer.param_groups:  # [37 detail 4] the schedule is a function of the step alone
+            group["lr"] = learning_rate_at(config, step)
         started = time.time()
         rollout = make_experience(model, reference, tokenizer, reward_fn, batch_queries, config,
                                   kl_controller.value, rng, score_moments, device, accelerator)
         experience_seconds = time.time() - started
-        metrics = {"step": step, **rollout_stats(distributed.gather_rollout(rollout, accelerator), kl_controller.value)}
+        metrics = {"step": step, **rollout_stats(distributed.gather_rollout(rollout, accelerator), kl_controller.value,
+                                                 tokenizer.eos_token_id)}
+        metrics["learning_rate"] = optimizer.param_groups[0]["lr"]
         metrics.update(ppo_update(policy, optimizer, rollout, config, generator, device, accelerator))
         kl_controller.update(metrics["kl"], config.batch_size)  # [Ziegler] adapt beta after each batch
         metrics["experience_seconds"] = experience_seconds

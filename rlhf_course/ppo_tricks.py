@@ -16,22 +16,19 @@ into measurements come from:
             penalty to the reference policy, without which the policy games the reward model.
 * [Gao]     Gao et al. 2022, "Scaling Laws for Reward Model Overoptimization": reward vs KL.
 
-``rlhf_course.ppo.train_ppo`` has no learning-rate schedule, so ``train_ppo_with_lr_schedule``
-composes the same public pieces (``make_experience``, ``ppo_update``, ``rollout_stats``, the KL
-controllers) with a ``LambdaLR``; with a constant schedule it reproduces ``train_ppo`` exactly
-(tested in ``tests/test_ppo_tricks.py``).
+Learning-rate decay is ``PPOConfig.lr_schedule="linear"``, so every run goes through
+``rlhf_course.ppo.train_ppo`` itself.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import pandas as pd
 import torch
@@ -47,16 +44,14 @@ from rlhf_course.ppo import PPOConfig, PolicyWithValueHead, RewardFn
 class Experiment:
     """One run: a name, the section it belongs to, and what it changes from the base config.
 
-    ``overrides`` are ``PPOConfig`` fields; ``lr_decay`` switches on linear learning-rate decay to 0
-    (not a ``PPOConfig`` field, see ``train_ppo_with_lr_schedule``); ``reward_scale`` multiplies
-    the reward model's scores (a reward model whose logits live on a larger scale).
+    ``overrides`` are ``PPOConfig`` fields (e.g. ``{"lr_schedule": "linear"}``); ``reward_scale``
+    multiplies the reward model's scores (a reward model whose logits live on a larger scale).
     """
 
     name: str
     group: str
     setting: str  # what a reader sees in the table, e.g. "entropy_coef=0.01"
     overrides: dict = field(default_factory=dict)
-    lr_decay: bool = False
     reward_scale: float = 1.0
 
     def config(self, base: PPOConfig) -> PPOConfig:
@@ -96,65 +91,13 @@ def notebook_experiments(kl_coefs: Sequence[float] = (0.0, 0.05, 0.5), gamma: fl
         Experiment("no_value_clip", "guards", "cliprange_value=inf (no value clipping)",
                    {"cliprange_value": math.inf}),
         Experiment("no_grad_clip", "guards", "max_grad_norm=None (no gradient clipping)", {"max_grad_norm": None}),
-        Experiment("lr_decay", "guards", "learning rate decays linearly to 0", lr_decay=True),
+        Experiment("lr_decay", "guards", "lr_schedule=linear (learning rate decays to 0)",
+                   {"lr_schedule": "linear"}),
     ]
     return runs
 
 
 # ============================================================================ 2. running one experiment
-
-
-def linear_decay(total_steps: int) -> Callable[[int], float]:
-    """LR multiplier 1 -> 0 over ``total_steps`` PPO steps  [37 detail 4: learning-rate annealing]."""
-    if total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-    return lambda step: max(0.0, 1.0 - step / total_steps)
-
-
-def train_ppo_with_lr_schedule(config: PPOConfig, policy: PolicyWithValueHead, reference: nn.Module, tokenizer,
-                               reward_fn: RewardFn, queries: list[list[int]],
-                               lr_schedule: Callable[[int], float] | None = None, progress: bool = False,
-                               device: torch.device | str = "cpu") -> list[dict]:
-    """``ppo.train_ppo`` plus a learning-rate schedule (multiplier per PPO step); adds ``learning_rate``.
-
-    Same seeding, prompt order, optimiser and KL controller as ``ppo.train_ppo``, step for step, so
-    a constant schedule gives the same history.  The schedule is stepped once per PPO step, as
-    CleanRL anneals once per rollout  [37 detail 4].
-    """
-    from tqdm.auto import tqdm
-
-    config.validate()
-    torch.manual_seed(config.seed)
-    rng = random.Random(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate,
-                                  eps=config.adam_eps, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule or (lambda step: 1.0))
-    kl_controller = (ppo.AdaptiveKLController(config.init_kl_coef, config.kl_target, config.kl_horizon)
-                     if config.adaptive_kl else ppo.FixedKLController(config.init_kl_coef))
-    score_moments = ppo.RunningMoments() if config.scale_rewards else None
-    if len(queries) < config.batch_size:
-        raise ValueError(f"{len(queries)} queries is fewer than batch_size={config.batch_size}")
-    order, cursor, history = list(range(len(queries))), len(queries), []
-    for step in tqdm(range(config.steps), desc="PPO (LR schedule)", disable=not progress):
-        if cursor + config.batch_size > len(order):
-            rng.shuffle(order)
-            cursor = 0
-        batch_queries = [queries[i] for i in order[cursor:cursor + config.batch_size]]
-        cursor += config.batch_size
-        started = time.time()
-        rollout = ppo.make_experience(policy, reference, tokenizer, reward_fn, batch_queries, config,
-                                      kl_controller.value, rng, score_moments, device)
-        experience_seconds = time.time() - started
-        metrics = {"step": step, **ppo.rollout_stats(rollout, kl_controller.value)}
-        metrics["learning_rate"] = optimizer.param_groups[0]["lr"]
-        metrics.update(ppo.ppo_update(policy, optimizer, rollout, config, generator, device))
-        scheduler.step()
-        kl_controller.update(metrics["kl"], config.batch_size)
-        metrics["experience_seconds"] = experience_seconds
-        metrics["step_seconds"] = time.time() - started
-        history.append(metrics)
-    return history
 
 
 class ScaledReward:
@@ -191,12 +134,8 @@ def run_experiment(experiment: Experiment, base: PPOConfig, start_lm: nn.Module,
     policy = PolicyWithValueHead(copy.deepcopy(start_lm)).to(device)
     train_reward = ScaledReward(reward_fn, experiment.reward_scale) if experiment.reward_scale != 1.0 else reward_fn
     started = time.time()
-    if experiment.lr_decay:
-        history = train_ppo_with_lr_schedule(config, policy, reference, tokenizer, train_reward, queries,
-                                             linear_decay(config.steps), progress=progress, device=device)
-    else:
-        history = ppo.train_ppo(config, policy, reference, tokenizer, train_reward, queries,
-                                progress=progress, device=device)
+    history = ppo.train_ppo(config, policy, reference, tokenizer, train_reward, queries, progress=progress,
+                            device=device)
     history = pd.DataFrame(history)
     if experiment.reward_scale != 1.0:  # report rewards on the reward model's own scale, comparable across runs
         history["reward_mean"] = history["reward_mean"] / experiment.reward_scale

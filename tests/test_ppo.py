@@ -193,3 +193,17 @@ def test_sample_next_token_draws_from_the_distribution():
     assert torch.all(greedy == 0)
     nucleus = ppo.sample_next_token(logits[:2000], ppo.PPOConfig(top_p=0.8), torch.Generator().manual_seed(0))
     assert set(nucleus.tolist()) == {0, 1}
+
+
+def test_eos_fraction_counts_responses_the_policy_ended_itself():
+    eos, pad = 9, 9  # GPT-2 pads with its EOS token
+    response_ids = torch.tensor([[5, 6, eos, pad],   # ended by EOS after 2 tokens
+                                 [5, 6, 7, 8],       # ran to the full width
+                                 [5, 6, pad, pad]])  # cut by a length budget of 2, no EOS
+    mask = ppo.response_mask_after_eos(response_ids, eos, budgets=torch.tensor([4, 4, 2]))
+    zeros = torch.zeros(3, 4)
+    rollout = ppo.Rollout(response_ids[:, :1], torch.ones(3, 1), response_ids, mask, torch.zeros(3), torch.zeros(3),
+                          zeros, zeros, zeros, zeros, zeros, zeros)
+    stats = ppo.rollout_stats(rollout, kl_coef=0.1, eos_id=eos)
+    assert stats["eos_fraction"] == pytest.approx(1 / 3)  # not 2/3: the budget-cut row did not stop itself
+    assert stats["response_length"] == pytest.approx((3 + 4 + 2) / 3)

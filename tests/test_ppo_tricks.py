@@ -61,11 +61,12 @@ def test_notebook_experiments_have_unique_names_and_valid_overrides(tiny_config)
         experiment.config(tiny_config)  # raises on a bad field
 
 
-def test_linear_decay_goes_from_one_to_zero():
-    schedule = tricks.linear_decay(4)
-    assert [schedule(s) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
-    with pytest.raises(ValueError):
-        tricks.linear_decay(0)
+def test_linear_lr_schedule_goes_from_the_rate_to_zero(tiny_config):
+    linear = ppo.PPOConfig(steps=4, learning_rate=1e-3, lr_schedule="linear")
+    assert [ppo.learning_rate_at(linear, s) for s in range(5)] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4, 0.0])
+    assert ppo.learning_rate_at(tiny_config, 2) == tiny_config.learning_rate  # constant by default (TRL0)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        ppo.PPOConfig(lr_schedule="cosine").validate()
 
 
 def test_repetition_stats_and_top_words():
@@ -79,30 +80,11 @@ def test_repetition_stats_and_top_words():
         tricks.repetition_stats([])
 
 
-def test_constant_schedule_reproduces_train_ppo(tiny_lm, tokenizer, queries, tiny_config):
-    torch.manual_seed(1)
-    reference = ppo.frozen_reference(tiny_lm)
-    policies = []
-    for _ in range(2):
-        torch.manual_seed(tiny_config.seed)
-        policies.append(ppo.PolicyWithValueHead(copy.deepcopy(tiny_lm)))
-    ours = tricks.train_ppo_with_lr_schedule(tiny_config, policies[0], reference, tokenizer, letter_reward, queries)
-    theirs = ppo.train_ppo(tiny_config, policies[1], reference, tokenizer, letter_reward, queries, progress=False)
-    assert len(ours) == len(theirs) == tiny_config.steps
-    for mine, reference_row in zip(ours, theirs):
-        assert mine["learning_rate"] == tiny_config.learning_rate
-        for key, value in reference_row.items():
-            if key not in TIMING_KEYS:
-                assert mine[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
-    for a, b in zip(policies[0].parameters(), policies[1].parameters()):
-        assert torch.allclose(a, b)
-
-
 def test_run_experiment_end_to_end_with_lr_decay_and_reward_scale(tiny_lm, tokenizer, queries, tiny_config, tmp_path):
     reference = ppo.frozen_reference(tiny_lm)
     experiments = [
         tricks.Experiment("base", "base", "base"),
-        tricks.Experiment("decay", "guards", "lr decay", lr_decay=True),
+        tricks.Experiment("decay", "guards", "lr decay", {"lr_schedule": "linear"}),
         tricks.Experiment("scaled", "critic", "x5, scaled", {"scale_rewards": True}, reward_scale=5.0),
     ]
     before = [p.detach().clone() for p in tiny_lm.parameters()]
