@@ -616,7 +616,6 @@ def rollout_stats(rollout: Rollout, kl_coef: float, eos_id: int | None = None) -
     mask = rollout.response_mask.float()
     lengths = rollout.response_mask.sum(1)
     last_tokens = rollout.response_ids.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
-    ended_by_eos = (last_tokens == eos_id) & (lengths > 0) if eos_id is not None else torch.zeros_like(lengths, dtype=torch.bool)
     kl_per_episode = ((rollout.logprobs - rollout.ref_logprobs) * mask).sum(1)  # nats per response
     return {
         "reward_mean": rollout.raw_scores.mean().item(),
@@ -625,7 +624,7 @@ def rollout_stats(rollout: Rollout, kl_coef: float, eos_id: int | None = None) -
         "kl_coef": kl_coef,
         "non_score_reward": (-kl_coef * kl_per_episode).mean().item(),
         "response_length": mask.sum(1).mean().item(),
-        "eos_fraction": ended_by_eos.float().mean().item() if eos_id is not None else float("nan"),
+        "eos_fraction": ((last_tokens == eos_id) & (lengths > 0)).float().mean().item() if eos_id is not None else float("nan"),
         "value_mean": masked_mean(rollout.values, mask).item(),
         "return_mean": masked_mean(rollout.returns, mask).item(),
         "return_var": masked_var(rollout.returns, mask).item() if mask.sum() > 1 else 0.0,

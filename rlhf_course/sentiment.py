@@ -26,6 +26,7 @@ import torch
 
 from rlhf_course import assets
 from rlhf_course.profiles import current_profile, require_hub
+from rlhf_course.sft import clipped_optimizer_step
 
 FULL_PROFILE_CLASSIFIER = "lvwerra/distilbert-imdb"
 CLASSIFIER_ASSET = "sentiment-classifier"
@@ -97,11 +98,7 @@ def train_sentiment_classifier(folder: Path, config: ClassifierConfig | None = N
         batch = tokenizer([train_texts[i] for i in index], padding=True, truncation=True,
                           max_length=config.max_length, return_tensors="pt")
         loss = model(**batch, labels=torch.tensor([train_labels[i] for i in index])).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        clipped_optimizer_step(loss, model, optimizer, scheduler)
         losses.append(loss.item())
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")

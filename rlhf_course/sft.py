@@ -94,6 +94,18 @@ def mean_loss(model, blocks: torch.Tensor, batch_size: int = 32) -> float:
     return float(sum(losses) / max(len(losses), 1))
 
 
+def clipped_optimizer_step(loss, model, optimizer, scheduler, max_grad_norm: float = 1.0) -> None:
+    """backward, clip the global gradient norm, step optimizer and LR schedule, clear the gradients.
+
+    The supervised loop shared by the SFT policy and the sentiment classifier (nanoGPT / HF ``Trainer`` order).
+    """
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train_sft_policy(folder: Path, config: SFTConfig | None = None, progress: bool = True) -> dict:
     """Train the laptop SFT policy and save model, tokenizer and ``sft_metrics.json`` to ``folder``."""
     from tqdm.auto import tqdm
@@ -123,11 +135,7 @@ def train_sft_policy(folder: Path, config: SFTConfig | None = None, progress: bo
     for step in bar:
         batch = train_blocks[torch.randint(len(train_blocks), (config.batch_size,), generator=generator)]
         loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        clipped_optimizer_step(loss, model, optimizer, scheduler)
         losses.append(loss.item())
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
