@@ -54,7 +54,7 @@ class BeyondPPOConfig:
     dpo_max_length: int = 64  # prompt + reply tokens; the laptop pairs are short
     # RLOO / GRPO (and the PPO row) on the sentiment task of notebook 07: every method samples the
     # same number of completions, rl_rounds x rl_prompts_per_round x rl_num_generations
-    rl_rounds: int = 12  # sampling rounds
+    rl_rounds: int = 10  # sampling rounds
     rl_prompts_per_round: int = 8
     rl_num_generations: int = 4  # k completions per prompt: the group (GRPO) / leave-one-out set (RLOO)
     rl_minibatches: int = 4  # gradient steps per pass over a round, each on an equal share of it

@@ -46,11 +46,20 @@ def execute_notebook(path: Path, write: bool, timeout: int = 1800) -> float:
     return seconds
 
 
-def record_timings(seconds_by_notebook: dict[str, float]) -> None:
+def cached_assets() -> set[str]:
+    """Names of the complete derived assets in the course cache now (``assets.cache_dir``)."""
+    from rlhf_course import assets
+
+    return {p.name for p in assets.cache_dir().iterdir() if (p / assets.COMPLETE_MARKER).exists()}
+
+
+def record_timings(seconds_by_notebook: dict[str, float], built_by_notebook: dict[str, list[str]]) -> None:
+    """Write each notebook's wall time and the derived assets its run built (none: a cached run)."""
     timings = json.loads(TIMINGS.read_text()) if TIMINGS.exists() else {}
     for name, seconds in seconds_by_notebook.items():
         timings[name] = {
             "laptop_seconds": round(seconds, 1),
+            "built_assets": built_by_notebook.get(name, []),
             "measured": time.strftime("%Y-%m-%d"),
             "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}",
         }
@@ -66,21 +75,32 @@ def benchmark_course(argv: list[str]) -> None:
     paths = notebook_paths(args.only if args.only.endswith(".ipynb") else args.only + ".ipynb")
     if not paths:
         raise SystemExit(f"No notebooks match {args.only!r} in {NOTEBOOKS}")
-    seconds_by_notebook = {}
+    seconds_by_notebook, built_by_notebook = {}, {}
     for path in paths:
         print(f"running {path.name} ...", flush=True)
+        before = cached_assets()
         seconds_by_notebook[path.name] = execute_notebook(path, write=args.write)
-        print(f"  {path.name}: {seconds_by_notebook[path.name]:7.1f} s", flush=True)
+        built_by_notebook[path.name] = sorted(cached_assets() - before)
+        built = ", built " + ", ".join(built_by_notebook[path.name]) if built_by_notebook[path.name] else ""
+        print(f"  {path.name}: {seconds_by_notebook[path.name]:7.1f} s{built}", flush=True)
     total = sum(seconds_by_notebook.values())
     print(f"total: {total:.1f} s = {total / 60:.1f} min ({len(paths)} notebooks, profile "
           f"{os.environ['RLHF_PROFILE']}, {os.cpu_count()} CPU cores)")
     if args.write:
-        record_timings(seconds_by_notebook)
+        record_timings(seconds_by_notebook, built_by_notebook)
+
+
+def built_on_that_run(measured: dict) -> str | None:
+    """The derived assets (trained models) a timed run built first, 'nothing (cached)', or None
+    for timings recorded before the runner kept this."""
+    if "built_assets" not in measured:
+        return None
+    return ", ".join(measured["built_assets"]) or "nothing (cached)"
 
 
 def timings_table():
-    """Measured laptop wall time of each notebook (from the last ``make course``) and the
-    full-profile estimate, as a DataFrame for notebook 00."""
+    """Measured laptop wall time of each notebook (from the last ``make course``), which derived
+    assets that run had to build first, and the full-profile estimate, as a DataFrame for notebook 00."""
     import pandas as pd
 
     timings = json.loads(TIMINGS.read_text()) if TIMINGS.exists() else {}
@@ -93,6 +113,7 @@ def timings_table():
             "notebook": name,
             "laptop, measured (min)": round(seconds / 60, 1) if seconds is not None else None,
             "measured on": measured.get("measured"),
+            "built on that run": built_on_that_run(measured),
             "full profile, GPU estimate (min)": FULL_PROFILE_ESTIMATE_MIN.get(name[:2]),
         })
     return pd.DataFrame(rows).set_index("notebook")

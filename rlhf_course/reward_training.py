@@ -247,7 +247,7 @@ def _common_args(config: RewardTrainingConfig, output_dir) -> dict:
         learning_rate=config.learning_rate, warmup_steps=config.warmup_ratio,  # a float < 1 is a fraction of the steps
         lr_scheduler_type=config.lr_scheduler, weight_decay=config.weight_decay,
         logging_steps=config.logging_steps, save_strategy="no", eval_strategy="no", report_to="none",
-        use_cpu=cpu, bf16=(not cpu) and torch.cuda.is_bf16_supported(), gradient_checkpointing=False,
+        use_cpu=cpu, bf16=(not cpu) and torch.cuda.is_bf16_supported(), activation_checkpointing=False,
         dataloader_num_workers=0,
     )
 

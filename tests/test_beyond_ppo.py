@@ -108,7 +108,7 @@ def test_trl_args_are_cpu_safe(tmp_path):
     args = bp.trl_args(DPOConfig, tmp_path)
     if not torch.cuda.is_available():
         assert args.use_cpu and not args.bf16
-    assert args.report_to in ("none", [], ["none"]) and not args.gradient_checkpointing
+    assert args.report_to in ("none", [], ["none"]) and not args.activation_checkpointing
 
 
 # ----------------------------------------------------------------------------- two-step runs

@@ -147,3 +147,21 @@ def test_asset_requirements_match_registry():
     lines = (ROOT / "assets" / "requirements-laptop.txt").read_text().splitlines()
     pinned = {l.strip() for l in lines if l.strip() and not l.startswith("#")}
     assert pinned == set(assets.ASSET_PACKAGES.values())
+
+
+def test_course_timings_record_which_assets_a_run_built(tmp_path, monkeypatch):
+    from rlhf_course import course_runner
+
+    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(course_runner, "TIMINGS", tmp_path / "timings.json")
+    before = course_runner.cached_assets()
+    assets.cached_build("toy-model", lambda folder: (folder / "weights.txt").write_text("1"))
+    (assets.cache_dir() / ".tmp-half-built").mkdir()  # an interrupted build does not count
+    built = sorted(course_runner.cached_assets() - before)
+    assert built == ["toy-model-v1"]
+    course_runner.record_timings({"04_first.ipynb": 61.0, "05_again.ipynb": 30.0},
+                                 {"04_first.ipynb": built, "05_again.ipynb": []})
+    table = course_runner.timings_table()
+    assert table.loc["04_first.ipynb", "built on that run"] == "toy-model-v1"
+    assert table.loc["05_again.ipynb", "built on that run"] == "nothing (cached)"
+    assert table.loc["04_first.ipynb", "laptop, measured (min)"] == 1.0
