@@ -90,11 +90,11 @@ def benchmark_course(argv: list[str]) -> None:
         record_timings(seconds_by_notebook, built_by_notebook)
 
 
-def built_on_that_run(measured: dict) -> str | None:
-    """The derived assets (trained models) a timed run built first, 'nothing (cached)', or None
-    for timings recorded before the runner kept this."""
+def built_on_that_run(measured: dict) -> str:
+    """The derived assets (trained models) a timed run built first, 'nothing (cached)', or
+    'not recorded' for timings written before the runner kept this."""
     if "built_assets" not in measured:
-        return None
+        return "not recorded"
     return ", ".join(measured["built_assets"]) or "nothing (cached)"
 
 
