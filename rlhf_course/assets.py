@@ -33,8 +33,9 @@ CACHE_ENV = "RLHF_COURSE_CACHE"
 COMPLETE_MARKER = ".rlhf_course_complete"
 # Derived assets are trained on one CPU thread, whatever the caller uses: torch splits its sums
 # by thread count, so two threads and one give different last bits, which training grows into a
-# different model.  One thread builds the same asset on every machine and from every notebook
-# (notebook 09 runs single-threaded, notebooks 06-08 do not), at the cost of a slower first build.
+# different model.  One thread builds the same asset whatever the core count and whichever notebook
+# builds it first (notebook 09 runs single-threaded, notebooks 06-08 do not), at the cost of a slower
+# first build.  (A CPU with other vector instructions can still differ in the last bits.)
 BUILD_THREADS = 1
 
 # The PyPI packages that carry the laptop assets. Several declare heavy, unrelated dependencies
