@@ -36,6 +36,7 @@ from torch import nn
 
 from rlhf_course import ppo
 from rlhf_course.ppo import PPOConfig, PolicyWithValueHead, RewardFn
+from rlhf_course.profiles import Profile
 
 # ============================================================================ 1. experiments
 
@@ -95,6 +96,17 @@ def notebook_experiments(kl_coefs: Sequence[float] = (0.0, 0.05, 0.5), gamma: fl
                    {"lr_schedule": "linear"}),
     ]
     return runs
+
+
+def long_run_without_kl(profile: Profile) -> Experiment:
+    """Notebook 08's closing run: no KL penalty at all, notebook 07's laptop step size, and enough
+    steps for the policy to find the strings the classifier likes best  [Ziegler][Gao]."""
+    return Experiment(
+        "kl_0_long", "kl", "init_kl_coef=0, lr as notebook 07, 40 x 32 episodes",
+        {"init_kl_coef": 0.0, "adaptive_kl": False, "ppo_epochs": 4,
+         "learning_rate": profile.pick(5e-4, 1.41e-5), "steps": profile.pick(40, 200),
+         "batch_size": profile.pick(32, 128), "mini_batch_size": profile.pick(8, 32),
+         "forward_batch_size": profile.pick(32, 64)})
 
 
 # ============================================================================ 2. running one experiment

@@ -1,7 +1,6 @@
 """Tests for rlhf_course.ppo_tricks: the results table and CSV writer, the text statistics, and
 experiment runs end to end on a tiny GPT-2 built from a config (with a cheap stand-in reward)."""
 
-import copy
 import math
 
 import pandas as pd
@@ -11,11 +10,11 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from rlhf_course import assets, ppo
 from rlhf_course import ppo_tricks as tricks
+from rlhf_course.profiles import Profile
 
 TEXTS = ["a wonderful, moving film about love", "dull and far too long for its own good",
          "the actors are great in this one", "I could not stop laughing at the jokes",
          "an awful mess of a movie", "beautifully shot and well acted throughout"]
-TIMING_KEYS = {"experience_seconds", "step_seconds"}
 
 
 def letter_reward(texts):
@@ -59,6 +58,9 @@ def test_notebook_experiments_have_unique_names_and_valid_overrides(tiny_config)
     assert len(names) == len(set(names)) and "base" in names
     for experiment in experiments:
         experiment.config(tiny_config)  # raises on a bad field
+    for profile in ("laptop", "full"):
+        long_run = tricks.long_run_without_kl(Profile(profile)).config(tiny_config)
+        assert long_run.init_kl_coef == 0.0 and not long_run.adaptive_kl and long_run.steps > tiny_config.steps
 
 
 def test_linear_lr_schedule_goes_from_the_rate_to_zero(tiny_config):
