@@ -6,7 +6,7 @@ offline model and data registry), ``losses``, ``readout``, ``token_loss``, ``dat
 never define a function another notebook needs.
 """
 
-from rlhf_course import netguard as _netguard
+from rlhf_course.core import netguard as _netguard
 
 __version__ = "0.1.0"
 

@@ -5,12 +5,12 @@
         --profile full --output-dir out/ppo --checkpoint-every 20
     accelerate launch ... -m rlhf_course.train_ppo ... --resume-from latest   (after an interruption)
 
-The training itself is ``rlhf_course.ppo.train_ppo``, the function notebook 07 calls; this script
+The training itself is ``rlhf_course.rl.ppo.train_ppo``, the function notebook 07 calls; this script
 only builds its inputs (policy, frozen reference, reward, queries), hands it an ``Accelerator`` and
 writes the results from the main process: ``policy/`` (the trained LM + value head),
 ``history.json`` (one metrics line per step, averaged over all processes), ``ranks.json`` (what
 each process did) and ``checkpoints/step-N/``.  ``batch_size`` and ``mini_batch_size`` are global:
-the same numbers give the same update on 1 or N processes (``rlhf_course.distributed``).
+the same numbers give the same update on 1 or N processes (``rlhf_course.core.distributed``).
 """
 
 from __future__ import annotations
@@ -24,8 +24,11 @@ from pathlib import Path
 
 import torch
 
-from rlhf_course import distributed, netguard, ppo
-from rlhf_course.profiles import Profile, seed_everything
+from rlhf_course.core import distributed
+from rlhf_course.core import netguard
+from rlhf_course.rl import ppo
+from rlhf_course.core.profiles import Profile, seed_everything
+from rlhf_course.rl import sampling
 
 REWARDS = ("sentiment", "length")
 HISTORY = "history.json"
@@ -55,7 +58,7 @@ def length_reward(texts: list[str]) -> torch.Tensor:
 
 def load_reward(name: str, device) -> object:
     if name == "sentiment":
-        from rlhf_course.sentiment import sentiment_reward
+        from rlhf_course.policy.sentiment import sentiment_reward
 
         return sentiment_reward(device)  # the profile's classifier: POSITIVE logit (notebook 06)
     if name == "length":
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with accelerator.main_process_first():  # laptop assets are built once, by the main process
         policy, reference, tokenizer = load_policy(args.policy, accelerator.device)
         reward_fn = RecordingReward(load_reward(args.reward, accelerator.device))
-        train_queries, _ = ppo.train_and_eval_queries(tokenizer, config, n_eval=args.n_eval)
+        train_queries, _ = sampling.train_and_eval_queries(tokenizer, config, n_eval=args.n_eval)
     if distributed.is_main(accelerator):
         print(f"PPO | profile {args.profile} | {distributed.world_size(accelerator)} process(es), "
               f"{accelerator.distributed_type.value} on {accelerator.device} | global batch {config.batch_size}, "

@@ -20,9 +20,11 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf_course import data, distributed, reward_eval
-from rlhf_course.profiles import Profile, seed_everything
-from rlhf_course.reward_training import (
+from rlhf_course.reward import data
+from rlhf_course.core import distributed
+from rlhf_course.reward import evaluation as reward_eval
+from rlhf_course.core.profiles import Profile, seed_everything
+from rlhf_course.reward.training import (
     RewardTrainingConfig,
     add_length_column,
     load_reward_base,
@@ -130,7 +132,7 @@ def run(config: RewardTrainingConfig, output_dir, verbose: bool = True, checkpoi
 
 def cached_run(config: RewardTrainingConfig, name: str | None = None) -> RunResult:
     """``run`` once and keep the result in the course cache (``assets.cached_build``)."""
-    from rlhf_course import assets
+    from rlhf_course.core import assets
 
     name = name or f"reward-{config.language}-{config.trainer}-{config.base_model}-{config.profile}"
     digest = f"{zlib.crc32(json.dumps(config.to_dict(), sort_keys=True).encode()):08x}"

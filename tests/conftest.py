@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 
 matplotlib.use("Agg")  # unit tests draw off-screen; notebook kernels keep their inline backend
 
-from rlhf_course import netguard  # noqa: E402
+from rlhf_course.core import netguard  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

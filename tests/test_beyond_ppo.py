@@ -1,4 +1,4 @@
-"""Tests for rlhf_course.beyond_ppo: the reward wrapper's label choice, the TRL trap it avoids, and a
+"""Tests for rlhf_course.rl.beyond_ppo: the reward wrapper's label choice, the TRL trap it avoids, and a
 two-step run of each TRL trainer (DPO, RLOO, GRPO) on tiny models built from configs."""
 
 import math
@@ -8,8 +8,8 @@ import torch
 from datasets import Dataset
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
-from rlhf_course import beyond_ppo as bp
-from rlhf_course.assets import gpt2_tokenizer, minilm_tokenizer
+from rlhf_course.rl import beyond_ppo as bp
+from rlhf_course.core.assets import gpt2_tokenizer, minilm_tokenizer
 
 TEXTS = ["a wonderful, moving film", "dull and far too long", "the actors", "I"]
 
@@ -210,7 +210,7 @@ def test_memory_monitor_reads_this_process_rss():
 
 def test_ppo_row_runs_the_course_ppo_on_the_same_budget(monkeypatch, classifier, reward_tokenizer,
                                                          policy_tokenizer, tiny_policy_path):
-    from rlhf_course import ppo
+    from rlhf_course.rl import ppo
 
     def tiny_policy_and_reference(device="cpu"):
         lm = GPT2LMHeadModel.from_pretrained(tiny_policy_path)

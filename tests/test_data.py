@@ -1,9 +1,10 @@
-"""Tests for rlhf_course.data: both schemas' parsers, every bad-input case, loaders' counts."""
+"""Tests for rlhf_course.reward.data: both schemas' parsers, every bad-input case, loaders' counts."""
 
 import pytest
 
-from rlhf_course import assets, data
-from rlhf_course.data import PreferenceDataError
+from rlhf_course.core import assets
+from rlhf_course.reward import data
+from rlhf_course.reward.data import PreferenceDataError
 
 HH_CHOSEN = ("\n\nHuman: What is a reward model?\n\nAssistant: A model that scores replies."
              "\n\nHuman: Why train one?\n\nAssistant: To turn human comparisons into a training signal.")

@@ -1,6 +1,6 @@
 """Scale-out: the reward-model and PPO entry points under ``accelerate launch`` with two CPU processes.
 
-What must hold, and why (see ``rlhf_course.distributed``):
+What must hold, and why (see ``rlhf_course.core.distributed``):
 
 * Two processes with the global batch kept equal give the single-process result: DDP averages
   the per-process mean losses, which equals the mean over the whole batch when each process's
@@ -31,7 +31,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from rlhf_course import assets, distributed, ppo, train_ppo, train_reward
+from rlhf_course.core import assets
+from rlhf_course.core import distributed
+from rlhf_course.rl import ppo
+from rlhf_course import train_ppo
+from rlhf_course import train_reward
+from rlhf_course.rl import sampling
+from rlhf_course.core import stats
+from rlhf_course.course import memory
 
 TIMINGS = {}  # printed at the end of the module (pytest -s) for the report
 
@@ -112,9 +119,9 @@ def test_shard_gives_each_process_its_contiguous_slice_and_refuses_uneven_batche
 def test_helpers_without_an_accelerator_are_the_single_process_code():
     torch.manual_seed(0)
     values, mask = torch.randn(3, 5), (torch.rand(3, 5) > 0.3).float()
-    assert torch.equal(distributed.masked_whiten(values, mask), ppo.masked_whiten(values, mask))
-    stats = {"loss": 0.5}
-    assert distributed.mean_across(stats) is stats
+    assert torch.equal(stats.masked_whiten(values, mask, accelerator=FakeAccelerator(0, 1)), stats.masked_whiten(values, mask))
+    logged = {"loss": 0.5}
+    assert distributed.mean_across(logged) is logged
     assert distributed.gather(values) is values
     assert distributed.per_process(128) == 128
     assert distributed.trainer_checkpoint_args(None) == {}
@@ -129,7 +136,7 @@ def test_load_checkpoint_refuses_an_incomplete_folder(tmp_path):
 
 
 def test_memory_table_counts_the_full_profile_models_and_applies_the_formulas():
-    rows = {(row["run"].split(",")[0], row["layout"]): row for row in distributed.memory_table(world=4)}
+    rows = {(row["run"].split(",")[0], row["layout"]): row for row in memory.memory_table(world=4)}
     reward, ppo_ddp, ppo_zero2 = rows[("reward model", "ddp")], rows[("PPO", "ddp")], rows[("PPO", "zero2")]
     assert reward["parameters_m"] == pytest.approx(494.03, abs=0.01)  # Qwen2-0.5B + a 1-output score head
     assert 0.36 < reward["trained_m"] < 0.38  # LoRA r=4 on q/k/v of 24 layers + the score head
@@ -214,7 +221,7 @@ def test_ppo_resume_on_one_process_restores_sampling_exactly(tiny_policy_folder,
     tokenizer = assets.gpt2_tokenizer()
     config = ppo.PPOConfig(steps=3, batch_size=8, mini_batch_size=4, ppo_epochs=2, learning_rate=1e-3,
                            scale_rewards=True, max_grad_norm=1.0, min_review_chars=150)
-    queries = ppo.make_queries(ppo.review_texts(config)[:32], tokenizer, config)
+    queries = sampling.make_queries(sampling.review_texts(config)[:32], tokenizer, config)
 
     def run(**kwargs):
         torch.manual_seed(0)

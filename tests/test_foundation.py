@@ -8,7 +8,9 @@ import pytest
 import torch
 import yaml
 
-from rlhf_course import assets, netguard, profiles
+from rlhf_course.core import assets
+from rlhf_course.core import netguard
+from rlhf_course.core import profiles
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -163,7 +165,7 @@ def test_asset_requirements_match_registry():
 
 
 def test_course_timings_record_which_assets_a_run_built(tmp_path, monkeypatch):
-    from rlhf_course import course_runner
+    from rlhf_course.course import runner as course_runner
 
     monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setattr(course_runner, "TIMINGS", tmp_path / "timings.json")

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlhf_course import losses
+from rlhf_course.reward import losses
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

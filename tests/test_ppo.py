@@ -6,7 +6,10 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from rlhf_course import assets, ppo
+from rlhf_course.core import assets
+from rlhf_course.rl import ppo
+from rlhf_course.rl import sampling
+from rlhf_course.core import stats
 
 EOS = 50256
 
@@ -88,21 +91,21 @@ def test_clipped_value_loss():
 def test_masked_whiten():
     values = torch.tensor([[1.0, 2.0, 3.0, 1000.0], [4.0, 5.0, 0.0, -1000.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
-    whitened = ppo.masked_whiten(values, mask)
+    whitened = stats.masked_whiten(values, mask)
     real = whitened[mask.bool()]
     assert real.mean().item() == pytest.approx(0.0, abs=1e-6)
     assert real.var(unbiased=True).item() == pytest.approx(1.0, abs=1e-4)
     assert torch.all(whitened[~mask.bool()] == 0)
     with pytest.raises(ValueError, match="at least 2"):
-        ppo.masked_whiten(values, torch.zeros_like(mask).index_fill_(1, torch.tensor([0]), 0))
+        stats.masked_whiten(values, torch.zeros_like(mask).index_fill_(1, torch.tensor([0]), 0))
 
 
 def test_response_mask_stops_after_first_eos_and_budget():
     ids = torch.tensor([[5, EOS, EOS, 7], [5, 6, 7, 8], [EOS, 1, 2, 3]])
-    assert ppo.response_mask_after_eos(ids, EOS).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert sampling.response_mask_after_eos(ids, EOS).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     budgets = torch.tensor([4, 3, 4])
-    assert ppo.response_mask_after_eos(ids, EOS, budgets).tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]]
-    assert ppo.response_mask_after_eos(ids, None, budgets).tolist() == [[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]]
+    assert sampling.response_mask_after_eos(ids, EOS, budgets).tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]]
+    assert sampling.response_mask_after_eos(ids, None, budgets).tolist() == [[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]]
 
 
 def eos_loving_lm():
@@ -119,11 +122,11 @@ def test_generation_stops_at_eos_unless_forced(tokenizer):
     lm = eos_loving_lm()
     queries = [[464, 3807], [40, 1842, 428, 3807, 13]]
     config = ppo.PPOConfig(batch_size=2, mini_batch_size=2)
-    _, _, response_ids, mask = ppo.generate_batch(lm, queries, tokenizer, config, random.Random(0))
+    _, _, response_ids, mask = sampling.generate_batch(lm, queries, tokenizer, config, random.Random(0))
     assert mask.sum(1).tolist() == [1, 1]  # EOS at once, and it is the only trained token
     forced = ppo.PPOConfig(batch_size=2, mini_batch_size=2, force_max_length=True)
-    _, _, response_ids, mask = ppo.generate_batch(lm, queries, tokenizer, forced, random.Random(0))
-    budgets = [ppo.length_sampler(4, 16, r) for r in [random.Random(0)] for _ in range(2)]
+    _, _, response_ids, mask = sampling.generate_batch(lm, queries, tokenizer, forced, random.Random(0))
+    budgets = [sampling.length_sampler(4, 16, r) for r in [random.Random(0)] for _ in range(2)]
     assert mask.sum(1).tolist() == budgets
     assert not (response_ids[mask.bool()] == EOS).any()
 
@@ -131,7 +134,7 @@ def test_generation_stops_at_eos_unless_forced(tokenizer):
 def test_left_padded_logprobs_match_unpadded(tokenizer):
     policy = ppo.PolicyWithValueHead(tiny_lm())
     queries = [[464, 3807], [40, 1842, 428, 3807, 13]]
-    query_ids, query_mask = ppo.left_pad(queries, EOS)
+    query_ids, query_mask = sampling.left_pad(queries, EOS)
     response_ids = torch.tensor([[318, 922, 13], [318, 257, 13]])
     response_mask = torch.ones_like(response_ids)
     with torch.no_grad():
@@ -150,7 +153,7 @@ def test_two_ppo_steps_change_the_parameters(tokenizer):
     before = {name: p.detach().clone() for name, p in policy.named_parameters()}
     config = ppo.PPOConfig(steps=2, batch_size=4, mini_batch_size=2, ppo_epochs=2, learning_rate=1e-3,
                            forward_batch_size=2, entropy_coef=0.01, scale_rewards=True, max_grad_norm=1.0)
-    queries = ppo.make_queries(["A gripping film about love", "Dull and far too long", "The cast is superb",
+    queries = sampling.make_queries(["A gripping film about love", "Dull and far too long", "The cast is superb",
                                 "I left halfway through"], tokenizer, config)
     seen = []
     history = ppo.train_ppo(config, policy, reference, tokenizer, lambda texts: torch.tensor([len(t) / 10 for t in texts]),
@@ -186,12 +189,12 @@ def test_sample_next_token_draws_from_the_distribution():
     probs = torch.tensor([0.7, 0.2, 0.1])
     logits = probs.log().expand(20000, 3)
     config = ppo.PPOConfig()
-    draws = ppo.sample_next_token(logits, config, torch.Generator().manual_seed(0))
+    draws = sampling.sample_next_token(logits, config, torch.Generator().manual_seed(0))
     frequencies = torch.bincount(draws, minlength=3).float() / len(draws)
     assert torch.allclose(frequencies, probs, atol=0.015)
-    greedy = ppo.sample_next_token(logits[:100], ppo.PPOConfig(top_k=1), torch.Generator().manual_seed(0))
+    greedy = sampling.sample_next_token(logits[:100], ppo.PPOConfig(top_k=1), torch.Generator().manual_seed(0))
     assert torch.all(greedy == 0)
-    nucleus = ppo.sample_next_token(logits[:2000], ppo.PPOConfig(top_p=0.8), torch.Generator().manual_seed(0))
+    nucleus = sampling.sample_next_token(logits[:2000], ppo.PPOConfig(top_p=0.8), torch.Generator().manual_seed(0))
     assert set(nucleus.tolist()) == {0, 1}
 
 
@@ -200,10 +203,10 @@ def test_eos_fraction_counts_responses_the_policy_ended_itself():
     response_ids = torch.tensor([[5, 6, eos, pad],   # ended by EOS after 2 tokens
                                  [5, 6, 7, 8],       # ran to the full width
                                  [5, 6, pad, pad]])  # cut by a length budget of 2, no EOS
-    mask = ppo.response_mask_after_eos(response_ids, eos, budgets=torch.tensor([4, 4, 2]))
+    mask = sampling.response_mask_after_eos(response_ids, eos, budgets=torch.tensor([4, 4, 2]))
     zeros = torch.zeros(3, 4)
-    rollout = ppo.Rollout(response_ids[:, :1], torch.ones(3, 1), response_ids, mask, torch.zeros(3), torch.zeros(3),
-                          zeros, zeros, zeros, zeros, zeros, zeros)
-    stats = ppo.rollout_stats(rollout, kl_coef=0.1, eos_id=eos)
+    experience = ppo.Rollout(response_ids[:, :1], torch.ones(3, 1), response_ids, mask, torch.zeros(3), torch.zeros(3),
+                             zeros, zeros, zeros, zeros, zeros, zeros)
+    stats = ppo.rollout_stats(experience, kl_coef=0.1, eos_id=eos)
     assert stats["eos_fraction"] == pytest.approx(1 / 3)  # not 2/3: the budget-cut row did not stop itself
     assert stats["response_length"] == pytest.approx((3 + 4 + 2) / 3)

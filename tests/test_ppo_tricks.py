@@ -1,4 +1,4 @@
-"""Tests for rlhf_course.ppo_tricks: the results table and CSV writer, the text statistics, and
+"""Tests for rlhf_course.rl.tricks: the results table and CSV writer, the text statistics, and
 experiment runs end to end on a tiny GPT-2 built from a config (with a cheap stand-in reward)."""
 
 import math
@@ -8,9 +8,11 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from rlhf_course import assets, ppo
-from rlhf_course import ppo_tricks as tricks
-from rlhf_course.profiles import Profile
+from rlhf_course.core import assets
+from rlhf_course.rl import ppo
+from rlhf_course.rl import tricks
+from rlhf_course.core.profiles import Profile
+from rlhf_course.rl import sampling
 
 TEXTS = ["a wonderful, moving film about love", "dull and far too long for its own good",
          "the actors are great in this one", "I could not stop laughing at the jokes",
@@ -42,7 +44,7 @@ def tiny_config():
 
 @pytest.fixture(scope="module")
 def queries(tokenizer, tiny_config):
-    return ppo.make_queries(TEXTS, tokenizer, tiny_config)
+    return sampling.make_queries(TEXTS, tokenizer, tiny_config)
 
 
 def test_experiment_config_applies_overrides_and_rejects_unknown_fields(tiny_config):

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
-from rlhf_course import assets
-from rlhf_course import readout as ro
+from rlhf_course.core import assets
+from rlhf_course.reward import readout as ro
 
 RIGHT = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
 LEFT = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])

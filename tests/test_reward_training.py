@@ -9,8 +9,12 @@ import torch
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from rlhf_course import assets, data, reward_eval, reward_training, train_reward
-from rlhf_course.reward_training import PairwiseRewardCollator, RewardTrainingConfig
+from rlhf_course.core import assets
+from rlhf_course.reward import data
+from rlhf_course.reward import evaluation as reward_eval
+from rlhf_course.reward import training as reward_training
+from rlhf_course import train_reward
+from rlhf_course.reward.training import PairwiseRewardCollator, RewardTrainingConfig
 
 
 @pytest.fixture(scope="module")

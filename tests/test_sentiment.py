@@ -4,7 +4,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from rlhf_course import assets, sentiment
+from rlhf_course.core import assets
+from rlhf_course.policy import sentiment
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from rlhf_course import assets, sft
+from rlhf_course.core import assets
+from rlhf_course.policy import sft
 
 
 def test_review_snippets_are_distinct_and_clean():

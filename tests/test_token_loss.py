@@ -4,7 +4,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlhf_course import token_loss as tl
+from rlhf_course.reward import token_loss as tl
+from rlhf_course.course import benchmarks
 
 
 def _batch(rows, length):
@@ -147,7 +148,7 @@ def test_loss_trains_values_apart():
 
 
 def test_benchmark_prints_a_ratio(capsys):
-    tl.benchmark(["--batch", "4", "--length", "16", "--repeats", "2", "--threads", "1"])
+    benchmarks.benchmark_token_loss(["--batch", "4", "--length", "16", "--repeats", "2", "--threads", "1"])
     out = capsys.readouterr().out
     assert "speed-up" in out and "threads=1" in out
 
@@ -162,7 +163,7 @@ def test_movie_preference_pairs_share_a_prompt_and_differ():
 
 
 def test_tokenize_pairs_right_pads_both_sides_to_one_length():
-    from rlhf_course import assets
+    from rlhf_course.core import assets
 
     tokenizer = assets.gpt2_tokenizer()
     pairs = [{"prompt": "Critic review of Up:", "chosen": " Lovely.", "rejected": " A long and tedious mess of a film."},

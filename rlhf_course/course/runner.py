@@ -48,7 +48,7 @@ def execute_notebook(path: Path, write: bool, timeout: int = 1800) -> float:
 
 def cached_assets() -> set[str]:
     """Names of the complete derived assets in the course cache now (``assets.cache_dir``)."""
-    from rlhf_course import assets
+    from rlhf_course.core import assets
 
     return {p.name for p in assets.cache_dir().iterdir() if (p / assets.COMPLETE_MARKER).exists()}
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from rlhf_course.profiles import Profile, current_profile, require_hub
+from rlhf_course.core.profiles import Profile, current_profile, require_hub
 
 HUMAN_TAG = "\n\nHuman:"
 ASSISTANT_TAG = "\n\nAssistant:"
@@ -372,7 +372,7 @@ def english_laptop_records(seed: int = 0, max_chars: int = 80) -> list[dict]:
 
     A reward model trained on these learns relevance and sentiment, not helpfulness or harmlessness.
     """
-    from rlhf_course import assets
+    from rlhf_course.core import assets
 
     rng = random.Random(seed)
     dialogues = assets.bilingual_dialogues(("english",)).to_pandas()
@@ -408,7 +408,7 @@ def chinese_laptop_records(seed: int = 0, max_chars: int = 20) -> list[dict]:
 
     Replies are kept short (``max_chars``): SmolLM2's byte-level BPE spends ~2 tokens a character.
     """
-    from rlhf_course import assets
+    from rlhf_course.core import assets
 
     rng = random.Random(seed)
     dialogues = assets.bilingual_dialogues(("chinese",)).to_pandas()

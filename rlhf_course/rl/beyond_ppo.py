@@ -184,7 +184,7 @@ def require_saved_path(policy) -> str:
         raise ValueError(
             f"The policy must be a saved folder with a config.json, got {path!r}. TRL reloads the "
             "reference model from model.config._name_or_path, which an in-memory model built from a "
-            "config does not have. Call rlhf_course.beyond_ppo.save_for_trl(model, tokenizer, folder) "
+            "config does not have. Call rlhf_course.rl.beyond_ppo.save_for_trl(model, tokenizer, folder) "
             "and pass the folder it returns."
         )
     return str(path)
@@ -395,8 +395,8 @@ def ppo_config_same_budget(config: BeyondPPOConfig):
     than notebook 07's laptop values (lr 5e-4, β 0.05, tuned for 55 steps of 64): with a handful of
     rounds the comparison is about the algorithms, not about who got the larger learning rate.
     """
-    from rlhf_course import ppo
-    from rlhf_course.profiles import current_profile
+    from rlhf_course.rl import ppo
+    from rlhf_course.core.profiles import current_profile
 
     completions = config.rl_prompts_per_round * config.rl_num_generations
     return ppo.PPOConfig.for_profile(steps=config.rl_rounds, batch_size=completions,
@@ -408,12 +408,12 @@ def ppo_config_same_budget(config: BeyondPPOConfig):
 
 def train_ppo(queries: list[list[int]], reward: PositiveLogitReward, config: BeyondPPOConfig,
               device: torch.device | str = "cpu") -> RunResult:
-    """The course's own PPO (``rlhf_course.ppo``, notebook 07) on the same budget, measured the same way.
+    """The course's own PPO (``rlhf_course.rl.ppo``, notebook 07) on the same budget, measured the same way.
 
     Its critic is a value head on the policy's trunk (as TRL 0.x), so four roles live in three
     networks: actor + critic, reference, reward model.
     """
-    from rlhf_course import ppo
+    from rlhf_course.rl import ppo
 
     ppo_config = ppo_config_same_budget(config)
 

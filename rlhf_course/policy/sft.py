@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from rlhf_course import assets
-from rlhf_course.profiles import current_profile, require_hub
+from rlhf_course.core import assets
+from rlhf_course.core.profiles import current_profile, require_hub
 
 FULL_PROFILE_POLICY = "lvwerra/gpt2-imdb"
 SFT_ASSET = "sft-policy"

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_course.profiles import Profile, current_profile, get_device, seed_everything
+from rlhf_course.core.profiles import Profile, current_profile, get_device, seed_everything
 
 KEY_PACKAGES = ("torch", "transformers", "trl", "datasets", "peft", "accelerate", "matplotlib")
 REPO = "rlhf-course/rlhf-course"  # GitHub owner/name used by the Colab badges; change when forking

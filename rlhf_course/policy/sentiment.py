@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from rlhf_course import assets
-from rlhf_course.profiles import current_profile, require_hub
-from rlhf_course.sft import clipped_optimizer_step
+from rlhf_course.core import assets
+from rlhf_course.core.profiles import current_profile, require_hub
+from rlhf_course.policy.sft import clipped_optimizer_step
 
 FULL_PROFILE_CLASSIFIER = "lvwerra/distilbert-imdb"
 CLASSIFIER_ASSET = "sentiment-classifier"

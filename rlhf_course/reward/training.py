@@ -3,7 +3,7 @@
 A reward model here is a causal LM with a scalar head, ``AutoModelForSequenceClassification(
 num_labels=1)``: the head reads the hidden state of the last non-pad token (InstructGPT, Ouyang et
 al. 2022; DeepSpeed-Chat step 2 reads the same position).  It is trained on pairs with the
-pairwise loss ``-log sigma(r_chosen - r_rejected)`` (``rlhf_course.losses.log_sig_loss``).
+pairwise loss ``-log sigma(r_chosen - r_rejected)`` (``rlhf_course.reward.losses.log_sig_loss``).
 
 * The library way: ``trl.RewardTrainer`` (TRL 1.16) with a PEFT ``LoraConfig``.
 * The hand-written way of the Qwen2 LoRA seed (itself following TRL's StackLLaMA reward script):
@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainingArguments
 
-from rlhf_course.losses import log_sig_loss
-from rlhf_course.profiles import Profile, current_profile, require_hub
+from rlhf_course.reward.losses import log_sig_loss
+from rlhf_course.core.profiles import Profile, current_profile, require_hub
 
 # Short names for the base models; the full-profile ones are the seeds' hub ids.
 BASE_MODELS = {
@@ -113,7 +113,7 @@ def base_model_source(name: str) -> str:
     if Path(name).is_dir():
         return str(name)
     if name == "smollm2":
-        from rlhf_course import assets
+        from rlhf_course.core import assets
 
         return str(assets.smollm2_path())
     if name not in BASE_MODELS:

@@ -28,9 +28,7 @@ Rotten Tomatoes snippets for notebook 03.
 
 from __future__ import annotations
 
-import argparse
 import random
-import time
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +42,6 @@ __all__ = [
     "movie_preference_pairs",
     "tokenize_pairs",
     "trim_padding",
-    "benchmark",
 ]
 
 
@@ -170,7 +167,7 @@ def movie_preference_pairs(max_pairs: int = 2000, seed: int = 0, max_words: int 
     ``max_words`` words are skipped.  Returns dicts with ``prompt``, ``chosen``, ``rejected``,
     ``movie``; pairs are spread over movies (round-robin) and shuffled with ``seed``.
     """
-    from rlhf_course.assets import rotten_tomatoes
+    from rlhf_course.core.assets import rotten_tomatoes
 
     frame = rotten_tomatoes().to_pandas()
     frame = frame[frame["text"].str.split().str.len() <= max_words]
@@ -260,48 +257,3 @@ def random_pair_batch(batch: int, length: int, vocab: int = 50_000, seed: int = 
         "chosen_mask": chosen_mask,
         "rejected_mask": rejected_mask,
     }
-
-
-def _time_forward_backward(loss_fn, inputs, repeats: int) -> float:
-    """Median seconds of one forward + backward of ``loss_fn`` on ``inputs``."""
-    times = []
-    for _ in range(repeats + 1):  # first call is a warm-up
-        for key in ("chosen_values", "rejected_values"):
-            inputs[key].grad = None
-        start = time.perf_counter()
-        loss_fn(**inputs).loss.backward()
-        times.append(time.perf_counter() - start)
-    times = sorted(times[1:])
-    return times[len(times) // 2]
-
-
-def benchmark(argv: list[str]) -> None:
-    """Forward + backward time of the reference loop vs the vectorised loss, on CPU.
-
-    Runs once per thread count in ``--threads`` (default: 1 and torch's default).  On a shared
-    machine the multi-threaded figures are inflated by waiting for busy cores; 1 thread is steadier.
-    """
-    parser = argparse.ArgumentParser(prog="python -m rlhf_course.bench token_loss")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--length", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--threads", default=f"1,{torch.get_num_threads()}", help="comma-separated torch thread counts")
-    args = parser.parse_args(argv)
-    inputs = random_pair_batch(args.batch, args.length)
-    reference = token_level_pairwise_loss_reference(**inputs)
-    vectorised = token_level_pairwise_loss(**inputs)
-    difference = (reference.loss - vectorised.loss).abs().item()
-    print(
-        f"token-level pairwise loss, forward+backward on CPU, batch {args.batch}, length {args.length}, "
-        f"median of {args.repeats}; |loss difference| = {difference:.2e}"
-    )
-    default_threads = torch.get_num_threads()
-    for threads in sorted({int(t) for t in str(args.threads).split(",") if t.strip()}):
-        torch.set_num_threads(threads)
-        reference_s = _time_forward_backward(token_level_pairwise_loss_reference, inputs, args.repeats)
-        vectorised_s = _time_forward_backward(token_level_pairwise_loss, inputs, args.repeats)
-        print(
-            f"  threads={threads}: reference (per-pair loop) {reference_s * 1e3:8.2f} ms | "
-            f"vectorised {vectorised_s * 1e3:7.2f} ms | speed-up {reference_s / vectorised_s:6.1f}x"
-        )
-    torch.set_num_threads(default_threads)

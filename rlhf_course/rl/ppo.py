@@ -28,20 +28,20 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from rlhf_course import distributed
-from rlhf_course.profiles import Profile, current_profile
+from rlhf_course.core import distributed
+from rlhf_course.core.profiles import Profile, current_profile
+from rlhf_course.core.stats import RunningMoments, masked_mean, masked_var, masked_whiten
+from rlhf_course.rl.sampling import RewardFn, generate_batch
 
-RewardFn = Callable[[list[str]], torch.Tensor]
 
 
 # ============================================================================ 1. configuration
@@ -203,103 +203,13 @@ def frozen_reference(lm: nn.Module) -> nn.Module:
 
 def load_policy_and_reference(device: torch.device | str = "cpu"):
     """``(policy, reference, tokenizer)`` from the profile's SFT policy: a fresh start for one run."""
-    from rlhf_course.sft import load_sft_policy
+    from rlhf_course.policy.sft import load_sft_policy
 
     lm, tokenizer = load_sft_policy(device)
     return PolicyWithValueHead(lm), frozen_reference(lm), tokenizer
 
 
-# ============================================================================ 3. data
-
-
-def length_sampler(low: int, high: int, rng: random.Random) -> int:
-    """Uniform over ``[low, high)``, as TRL's ``LengthSampler`` (so 2-8 gives 2..7)."""
-    return rng.randrange(low, high)
-
-
-def review_texts(config: PPOConfig, profile: Profile | None = None) -> list[str]:
-    """Reviews longer than ``config.min_review_chars``.
-
-    Full: IMDB train reviews (the seed).  Laptop: Rotten Tomatoes critic snippets (fresh and
-    rotten).  Plot summaries are left out: they are synopses, not opinions, and the SFT policy
-    never saw them.
-    """
-    profile = profile or current_profile()
-    if profile.is_full:
-        from rlhf_course import assets
-
-        texts = list(assets.load("imdb", split="train")["text"])
-    else:
-        from rlhf_course import assets
-
-        texts = list(assets.rotten_tomatoes()["text"])
-    texts = [" ".join(t.split()) for t in texts if len(t) > config.min_review_chars]
-    if not texts:
-        raise ValueError(f"No review is longer than min_review_chars={config.min_review_chars}; lower it.")
-    return texts
-
-
-def make_queries(texts: list[str], tokenizer, config: PPOConfig, seed: int | None = None) -> list[list[int]]:
-    """Each review truncated to a sampled 2-7 token prefix: the prompts the policy continues."""
-    rng = random.Random(config.seed if seed is None else seed)
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [ids[: length_sampler(config.query_min_tokens, config.query_max_tokens, rng)] for ids in encoded]
-
-
-def train_and_eval_queries(tokenizer, config: PPOConfig, n_eval: int = 64) -> tuple[list[list[int]], list[list[int]]]:
-    """Shuffled training queries and a held-out set of ``n_eval`` for before/after comparisons."""
-    texts = review_texts(config)
-    random.Random(config.seed).shuffle(texts)
-    if len(texts) <= n_eval:
-        raise ValueError(f"only {len(texts)} reviews for n_eval={n_eval}; lower n_eval or min_review_chars")
-    return make_queries(texts[n_eval:], tokenizer, config), make_queries(texts[:n_eval], tokenizer, config, seed=config.seed + 1)
-
-
-# ============================================================================ 4. masked statistics
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
-    if dim is None:
-        return (values * mask).sum() / mask.sum().clamp(min=1)
-    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
-
-
-def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    mean = masked_mean(values, mask)
-    variance = masked_mean((values - mean) ** 2, mask)
-    if unbiased:  # Bessel's correction, as TRL0's masked_var
-        count = mask.sum()
-        if count < 2:
-            raise ValueError(f"whitening needs at least 2 unmasked values, got {int(count)}")
-        variance = variance * count / (count - 1)
-    return variance
-
-
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Normalise to zero mean, unit variance over unmasked entries only  [37 detail 7][TRL0]."""
-    mean, variance = masked_mean(values, mask), masked_var(values, mask)
-    whitened = (values - mean) * torch.rsqrt(variance + 1e-8)
-    if not shift_mean:
-        whitened = whitened + mean
-    return whitened * mask
-
-
-class RunningMoments:
-    """Running mean / std of the scores (Chan et al. parallel update), for reward scaling [37 detail 5]."""
-
-    def __init__(self):
-        self.mean, self.var, self.count = 0.0, 1.0, 1e-4
-
-    def update(self, values: torch.Tensor) -> None:
-        batch_mean, batch_var, batch_count = values.mean().item(), values.var(unbiased=False).item(), values.numel()
-        delta, total = batch_mean - self.mean, self.count + batch_count
-        self.mean += delta * batch_count / total
-        self.var = (self.var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total) / total
-        self.count = total
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(max(self.var, 1e-8))
+# ============================================================================ 3. KL controllers
 
 
 class AdaptiveKLController:
@@ -321,7 +231,7 @@ class FixedKLController:
         pass
 
 
-# ============================================================================ 5. make experience
+# ============================================================================ 4. make experience
 
 
 @dataclass
@@ -343,103 +253,6 @@ class Rollout:
     returns: torch.Tensor  # (B, R)
     query_texts: list[str] = field(default_factory=list)
     response_texts: list[str] = field(default_factory=list)
-
-
-def left_pad(queries: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch queries of different lengths, padded on the LEFT so every response starts at the same
-    column and generation appends to the real last token of each query."""
-    width = max(len(q) for q in queries)
-    ids = torch.full((len(queries), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(queries), width), dtype=torch.long)
-    for row, query in enumerate(queries):
-        if not query:
-            raise ValueError(f"query {row} is empty; every query needs at least one token")
-        ids[row, width - len(query):] = torch.tensor(query)
-        mask[row, width - len(query):] = 1
-    return ids, mask
-
-
-def response_mask_after_eos(response_ids: torch.Tensor, eos_id: int | None, budgets: torch.Tensor | None = None) -> torch.Tensor:
-    """1 for tokens up to and including the first EOS (and within each row's length budget), 0 after.
-
-    GPT-2 pads with its EOS token, so "after the first EOS" - not "equal to pad" - is the test.
-    """
-    length = response_ids.shape[1]
-    positions = torch.arange(length, device=response_ids.device).expand_as(response_ids)
-    mask = torch.ones_like(response_ids, dtype=torch.long)
-    if eos_id is not None:
-        is_eos = response_ids == eos_id
-        first_eos = torch.where(is_eos.any(1), is_eos.long().argmax(1), torch.full_like(is_eos[:, 0], length, dtype=torch.long))
-        mask = (positions <= first_eos[:, None]).long()
-    if budgets is not None:  # the per-episode response length sampled from [4, 16)
-        mask = mask * (positions < budgets[:, None].to(response_ids.device)).long()
-    return mask
-
-
-def sample_next_token(logits: torch.Tensor, config: PPOConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sample one token per row from ``logits`` (B, V), with optional temperature / top-k / top-p.
-
-    The seed samples purely (top_k 0, top_p 1, temperature 1).  Sampling is by inverse CDF: one
-    uniform number per row, located in the cumulative distribution.  That draws exactly from p and
-    needs one random number per row instead of one per vocabulary entry, which makes it several times
-    faster on a CPU than ``torch.multinomial`` over a 50,257-token vocabulary.
-    """
-    logits = logits.float() / config.temperature
-    if config.top_k > 0:
-        kth = torch.topk(logits, config.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if config.top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= config.top_p
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    cdf = logits.softmax(-1).double().cumsum(-1)  # float64: no drift over 50k terms
-    uniform = torch.rand(len(cdf), 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
-    # right=True: the first index whose CDF exceeds u, so a zero-probability token is never chosen
-    return torch.searchsorted(cdf, uniform, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
-
-
-@torch.no_grad()
-def generate_batch(lm, queries: list[list[int]], tokenizer, config: PPOConfig, rng: random.Random,
-                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sample one response per query, all queries at once (left padding), instead of the seed's
-    one-query-at-a-time loop.  Each episode still gets its own sampled length budget: the batch
-    runs to the longest budget and every response is then cut to its own (sampling token t does not
-    depend on whether token t+1 will be kept, so this is the same distribution).
-
-    The loop is written out (a KV cache, one token per step) rather than calling ``generate``: it
-    is short, shows exactly what "stop at EOS" means, and samples faster on a CPU.
-    Returns ``(query_ids, query_mask, response_ids, response_mask)``, all on the CPU.
-    """
-    budgets = torch.tensor([length_sampler(config.response_min_tokens, config.response_max_tokens, rng) for _ in queries])
-    query_ids, query_mask = left_pad(queries, tokenizer.pad_token_id)
-    max_new, eos_id = int(budgets.max()), tokenizer.eos_token_id
-    generator = torch.Generator(device=device).manual_seed(rng.randrange(2**31))
-    attention_mask = query_mask.to(device)
-    input_ids = query_ids.to(device)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens
-    finished = torch.zeros(len(queries), dtype=torch.bool, device=device)
-    cache, tokens = None, []
-    for step in range(max_new):
-        out = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                 past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache, logits = out.past_key_values, out.logits[:, -1]
-        if config.force_max_length:  # EOS gets probability 0: every response runs to its budget
-            logits[:, eos_id] = float("-inf")
-        token = sample_next_token(logits, config, generator)
-        token = token.masked_fill(finished, tokenizer.pad_token_id)  # rows that already stopped only pad
-        tokens.append(token)
-        finished |= (token == eos_id) | (budgets.to(device) <= step + 1)
-        if finished.all():  # every row has hit EOS or its budget: stop, never force the maximum length
-            break
-        input_ids = token[:, None]
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
-        position_ids = position_ids[:, -1:] + 1
-    response_ids = torch.stack(tokens, 1).cpu()
-    eos = None if config.force_max_length else eos_id
-    response_mask = response_mask_after_eos(response_ids, eos, budgets)
-    response_ids = response_ids.masked_fill(response_mask == 0, tokenizer.pad_token_id)
-    return query_ids, query_mask, response_ids, response_mask
 
 
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -511,7 +324,7 @@ def make_experience(policy: PolicyWithValueHead, reference: nn.Module, tokenizer
     """Sample, score, and compute everything the update needs, with no gradient.
 
     Under ``accelerate`` each process handles its share of the queries; the reward-scaling and
-    whitening statistics are taken over every process's episodes (``rlhf_course.distributed``)."""
+    whitening statistics are taken over every process's episodes (``rlhf_course.core.distributed``)."""
     policy.eval()
     query_ids, query_mask, response_ids, response_mask = generate_batch(policy.lm, queries, tokenizer, config, rng, device)
     query_texts = tokenizer.batch_decode(query_ids.masked_fill(query_mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
@@ -536,12 +349,12 @@ def make_experience(policy: PolicyWithValueHead, reference: nn.Module, tokenizer
     rewards, _ = per_token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
     advantages, returns = compute_gae(rewards, values, mask, config.gamma, config.lam)
     if config.whiten_advantages:  # [37 detail 7] after computing returns, so value targets keep their scale
-        advantages = distributed.masked_whiten(advantages, mask, accelerator)  # = masked_whiten on one process
+        advantages = masked_whiten(advantages, mask, accelerator=accelerator)  # statistics over every process's tokens
     return Rollout(query_ids, query_mask, response_ids, response_mask, scores, raw_scores, logprobs * mask,
                    ref_logprobs * mask, values * mask, rewards, advantages, returns, query_texts, response_texts)
 
 
-# ============================================================================ 6. losses
+# ============================================================================ 5. losses
 
 
 def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float):
@@ -567,7 +380,7 @@ def clipped_value_loss(values, old_values, returns, mask, cliprange_value: float
     return loss, clip_fraction.detach()
 
 
-# ============================================================================ 7. one PPO step
+# ============================================================================ 6. one PPO step
 
 
 def ppo_update(policy: PolicyWithValueHead, optimizer, rollout: Rollout, config: PPOConfig, generator: torch.Generator,
@@ -631,7 +444,7 @@ def rollout_stats(rollout: Rollout, kl_coef: float, eos_id: int | None = None) -
     }
 
 
-# ============================================================================ 8. the training loop
+# ============================================================================ 7. the training loop
 
 
 def train_ppo(config: PPOConfig, policy: PolicyWithValueHead, reference: nn.Module, tokenizer, reward_fn: RewardFn,
@@ -644,7 +457,7 @@ def train_ppo(config: PPOConfig, policy: PolicyWithValueHead, reference: nn.Modu
     ``callback(step, metrics, history)`` is called after every step (live plots, early stops: raise
     ``StopIteration`` in it to end the run).  Queries are cycled in order, reshuffled each epoch.
 
-    Scale-out (``rlhf_course.distributed``; ``python -m rlhf_course.train_ppo`` under ``accelerate
+    Scale-out (``rlhf_course.core.distributed``; ``python -m rlhf_course.train_ppo`` under ``accelerate
     launch``): pass the ``accelerator``; ``batch_size`` and ``mini_batch_size`` stay global and each
     process takes its slice.  ``checkpoint_every`` N steps writes ``checkpoint_dir/step-N`` (model,
     optimizer, RNGs, counters); ``resume_from`` such a folder continues the run exactly.
@@ -712,193 +525,8 @@ def train_ppo(config: PPOConfig, policy: PolicyWithValueHead, reference: nn.Modu
     return history
 
 
-# ============================================================================ 9. evaluation, saving, plots
-
-
-@torch.no_grad()
-def sample_and_score(lm, tokenizer, reward_fn: RewardFn, queries: list[list[int]], config: PPOConfig,
-                     seed: int = 0, device="cpu"):
-    """Responses to ``queries`` with their rewards, as a pandas DataFrame (for before/after tables)."""
-    import pandas as pd
-
-    torch.manual_seed(seed)
-    query_ids, query_mask, response_ids, response_mask = generate_batch(lm, queries, tokenizer, config, random.Random(seed), device)
-    query_texts = tokenizer.batch_decode(query_ids.masked_fill(query_mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
-    response_texts = [tokenizer.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(response_ids, response_mask)]
-    rewards = torch.as_tensor(reward_fn([q + r for q, r in zip(query_texts, response_texts)])).float()
-    return pd.DataFrame({"query": query_texts, "response": response_texts, "reward": rewards.numpy(),
-                         "length": response_mask.sum(1).numpy()})
+# ============================================================================ 8. saving
 
 
 def save_history(history: list[dict], path: Path | str) -> None:
     Path(path).write_text(json.dumps(history, indent=1))
-
-
-class LivePlot:
-    """A ``train_ppo`` callback that redraws reward, KL and losses in place while training runs.
-
-    Uses an IPython display handle, so the figure updates inside the notebook cell (and the last
-    version is what an executed notebook keeps); outside IPython it draws once at the end.
-    """
-
-    PANELS = (("reward_mean", "mean reward (POSITIVE logit)"), ("kl", "KL to reference (nats / response)"),
-              ("policy_loss", "policy loss"), ("value_loss", "value loss"))
-
-    def __init__(self, every: int = 1, panels=PANELS):
-        import matplotlib.pyplot as plt
-
-        self.every, self.panels = every, panels
-        self.figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3))
-        self.axes = list(axes) if len(panels) > 1 else [axes]
-        plt.close(self.figure)  # shown through the display handle only
-        self.handle = None
-        try:
-            from IPython.display import display
-
-            self.handle = display(self.figure, display_id=True)
-        except Exception:  # not in IPython: nothing to update live
-            self.handle = None
-
-    def __call__(self, step: int, metrics: dict, history: list[dict]) -> None:
-        if step % self.every:
-            return
-        self.draw(history)
-
-    def draw(self, history: list[dict]) -> None:
-        steps = [h["step"] for h in history]
-        for axis, (key, title) in zip(self.axes, self.panels):
-            axis.clear()
-            axis.plot(steps, [h[key] for h in history], marker=".")
-            axis.set_title(title, fontsize=10)
-            axis.set_xlabel("PPO step")
-        self.figure.tight_layout()
-        if self.handle is not None:
-            self.handle.update(self.figure)
-
-
-# ============================================================================ 10. benchmarks
-
-
-def _bench_model(name: str):
-    """The policy a benchmark times: the cached laptop SFT policy, or a random GPT-2 of a given size."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    if name == "sft":
-        from rlhf_course.sft import load_sft_policy
-
-        lm, _ = load_sft_policy()
-        return lm, "laptop SFT policy (cached asset)"
-    if name == "gpt2":
-        return GPT2LMHeadModel(GPT2Config()), "GPT2Config() random weights (124M, GPT-2 small)"
-    if name == "tiny":
-        return GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=128, n_head=4)), "GPT2Config(4 layers, 128 wide) random weights"
-    raise ValueError(f"unknown --model {name!r}; choose sft, gpt2 or tiny")
-
-
-def benchmark_rollout(argv: list[str]) -> None:
-    """Batched, left-padded generation vs the seed's one-query-at-a-time loop, same queries."""
-    import argparse
-
-    from rlhf_course import assets
-    from rlhf_course.profiles import get_device
-
-    parser = argparse.ArgumentParser(prog="bench rollout")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--model", default="sft", choices=["sft", "gpt2", "tiny"])
-    parser.add_argument("--repeats", type=int, default=1)
-    args = parser.parse_args(argv)
-    device = get_device()
-    torch.manual_seed(0)
-    lm, described = _bench_model(args.model)
-    lm = lm.to(device).eval()
-    tokenizer = assets.gpt2_tokenizer()
-    config = PPOConfig.for_profile(current_profile(), min_review_chars=150)
-    texts = review_texts(config, Profile("laptop"))[: args.batch]
-    queries = make_queries(texts, tokenizer, config)
-    budgets = [length_sampler(config.response_min_tokens, config.response_max_tokens, random.Random(i)) for i in range(len(queries))]
-
-    def one_at_a_time():
-        generated = 0
-        for query, budget in zip(queries, budgets):  # the seed's loop: one generate() call per query
-            ids = torch.tensor([query], device=device)
-            out = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0,
-                              max_new_tokens=budget, pad_token_id=tokenizer.eos_token_id)
-            generated += out.shape[1] - ids.shape[1]
-        return generated
-
-    def hf_generate_batched():
-        ids, mask = left_pad(queries, tokenizer.pad_token_id)
-        out = lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True, top_k=0, top_p=1.0,
-                          max_new_tokens=max(budgets), pad_token_id=tokenizer.eos_token_id)
-        return int((out[:, ids.shape[1]:] != tokenizer.eos_token_id).sum())
-
-    def batched():
-        _, _, _, mask = generate_batch(lm, queries, tokenizer, config, random.Random(0), device)
-        return int(mask.sum())
-
-    with torch.no_grad():
-        batched()  # warm-up
-        timings = {}
-        for name, fn in (("one query at a time (seed loop)", one_at_a_time),
-                         ("batched, HF generate()", hf_generate_batched),
-                         ("batched, ppo.generate_batch", batched)):
-            best, tokens = float("inf"), 0
-            for _ in range(args.repeats):
-                started = time.perf_counter()
-                tokens = fn()
-                best = min(best, time.perf_counter() - started)
-            timings[name] = best
-            print(f"{name:34s} {best:7.2f} s  ({tokens} response tokens)", flush=True)
-    seq, hf_batched, bat = timings.values()
-    print(f"model: {described}; device {device}; {len(queries)} queries of 2-7 tokens, responses 4-15 tokens "
-          f"(per-query budgets; the batched runs sample to the longest budget), torch threads {torch.get_num_threads()}")
-    print(f"speed-up vs one-at-a-time: HF generate() batched {seq / hf_batched:.1f}x, "
-          f"ppo.generate_batch {seq / bat:.1f}x")
-
-
-def benchmark_ppo_step(argv: list[str]) -> None:
-    """Seconds for one full PPO step (make experience + ppo_epochs of updates) at GPT-2-124M scale."""
-    import argparse
-
-    from rlhf_course import assets
-    from rlhf_course.profiles import get_device
-
-    parser = argparse.ArgumentParser(prog="bench ppo_step")
-    parser.add_argument("--batch", type=int, default=None, help="episodes per step (default 128 on GPU, 8 on CPU)")
-    parser.add_argument("--mini-batch", type=int, default=None)
-    parser.add_argument("--model", default="gpt2", choices=["sft", "gpt2", "tiny"])
-    parser.add_argument("--reward", default="length", choices=["length", "classifier"],
-                        help="'classifier' scores with the sentiment reward model (seed-like); 'length' is free")
-    parser.add_argument("--steps", type=int, default=2, help="steps to time (the first is a warm-up when >1)")
-    args = parser.parse_args(argv)
-    device = get_device()
-    batch = args.batch or (128 if device.type == "cuda" else 8)
-    torch.manual_seed(0)
-    lm, described = _bench_model(args.model)
-    lm = lm.to(device)
-    tokenizer = assets.gpt2_tokenizer()
-    if args.reward == "classifier":
-        from rlhf_course.sentiment import sentiment_reward
-
-        reward_fn = sentiment_reward(device)
-    else:
-        reward_fn = lambda texts: torch.tensor([len(t) / 50 for t in texts])  # noqa: E731 (free stand-in)
-    config = PPOConfig(batch_size=batch, mini_batch_size=args.mini_batch or batch, forward_batch_size=min(batch, 64),
-                       steps=args.steps, min_review_chars=150)
-    queries = make_queries(review_texts(config, Profile("laptop")), tokenizer, config)
-    policy, reference = PolicyWithValueHead(lm), frozen_reference(lm)
-    history = train_ppo(config, policy, reference, tokenizer, reward_fn, queries, progress=False, device=device)
-    timed = history[1:] if len(history) > 1 else history
-    seconds = sum(h["step_seconds"] for h in timed) / len(timed)
-    experience = sum(h["experience_seconds"] for h in timed) / len(timed)
-    print(f"model: {described}; device {device}; torch threads {torch.get_num_threads()}")
-    print(f"batch {batch} episodes, mini-batch {config.mini_batch_size}, {config.ppo_epochs} PPO epochs, "
-          f"reward '{args.reward}', responses {config.response_min_tokens}-{config.response_max_tokens - 1} tokens")
-    print(f"one PPO step: {seconds:.2f} s (make-experience {experience:.2f} s, update {seconds - experience:.2f} s), "
-          f"mean of {len(timed)} timed step(s)" + (" after 1 warm-up" if len(history) > 1 else ""))
-    if batch != 128:
-        print(f"(the seed's 10.9 s/it is for batch 128 on a GPU; this run used batch {batch}: scale before comparing)")
-
-
-def config_dict(config: PPOConfig) -> dict:
-    return asdict(config)

@@ -35,3 +35,45 @@ def draw_rlhf_stages(ax=None):
             ax.add_patch(arrow)
     ax.set_title("The three stages of RLHF (InstructGPT; DeepSpeed-Chat steps 1-3)", fontsize=12)
     return ax
+
+
+class LivePlot:
+    """A ``train_ppo`` callback that redraws reward, KL and losses in place while training runs.
+
+    Uses an IPython display handle, so the figure updates inside the notebook cell (and the last
+    version is what an executed notebook keeps); outside IPython it draws once at the end.
+    """
+
+    PANELS = (("reward_mean", "mean reward (POSITIVE logit)"), ("kl", "KL to reference (nats / response)"),
+              ("policy_loss", "policy loss"), ("value_loss", "value loss"))
+
+    def __init__(self, every: int = 1, panels=PANELS):
+        import matplotlib.pyplot as plt
+
+        self.every, self.panels = every, panels
+        self.figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3))
+        self.axes = list(axes) if len(panels) > 1 else [axes]
+        plt.close(self.figure)  # shown through the display handle only
+        self.handle = None
+        try:
+            from IPython.display import display
+
+            self.handle = display(self.figure, display_id=True)
+        except Exception:  # not in IPython: nothing to update live
+            self.handle = None
+
+    def __call__(self, step: int, metrics: dict, history: list[dict]) -> None:
+        if step % self.every:
+            return
+        self.draw(history)
+
+    def draw(self, history: list[dict]) -> None:
+        steps = [h["step"] for h in history]
+        for axis, (key, title) in zip(self.axes, self.panels):
+            axis.clear()
+            axis.plot(steps, [h[key] for h in history], marker=".")
+            axis.set_title(title, fontsize=10)
+            axis.set_xlabel("PPO step")
+        self.figure.tight_layout()
+        if self.handle is not None:
+            self.handle.update(self.figure)

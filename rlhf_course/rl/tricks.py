@@ -1,6 +1,6 @@
 """PPO tricks and failure modes, as small experiments you can rerun (notebook 08).
 
-Each "trick" of PPO for language models is one switch of ``rlhf_course.ppo.PPOConfig``; this
+Each "trick" of PPO for language models is one switch of ``rlhf_course.rl.ppo.PPOConfig``; this
 module runs the same short PPO job with one switch changed, summarises every run in one row of a
 results table, writes that table to CSV, and draws the comparison plots.  The anecdotes it turns
 into measurements come from:
@@ -17,7 +17,7 @@ into measurements come from:
 * [Gao]     Gao et al. 2022, "Scaling Laws for Reward Model Overoptimization": reward vs KL.
 
 Learning-rate decay is ``PPOConfig.lr_schedule="linear"``, so every run goes through
-``rlhf_course.ppo.train_ppo`` itself.
+``rlhf_course.rl.ppo.train_ppo`` itself.
 """
 
 from __future__ import annotations
@@ -34,9 +34,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from rlhf_course import ppo
-from rlhf_course.ppo import PPOConfig, PolicyWithValueHead, RewardFn
-from rlhf_course.profiles import Profile
+from rlhf_course.rl import ppo
+from rlhf_course.rl.ppo import PPOConfig, PolicyWithValueHead, RewardFn
+from rlhf_course.core.profiles import Profile
+from rlhf_course.rl import sampling
 
 # ============================================================================ 1. experiments
 
@@ -152,7 +153,7 @@ def run_experiment(experiment: Experiment, base: PPOConfig, start_lm: nn.Module,
     if experiment.reward_scale != 1.0:  # report rewards on the reward model's own scale, comparable across runs
         history["reward_mean"] = history["reward_mean"] / experiment.reward_scale
         history["reward_std"] = history["reward_std"] / experiment.reward_scale
-    samples = ppo.sample_and_score(policy.lm, tokenizer, reward_fn, eval_queries, config, seed=config.seed + 1,
+    samples = sampling.sample_and_score(policy.lm, tokenizer, reward_fn, eval_queries, config, seed=config.seed + 1,
                                    device=device)
     return RunResult(experiment, config, history, samples, time.time() - started)
 

@@ -37,7 +37,7 @@ def _guarded_connect(self, address):
         raise NetworkBlockedError(
             f"Network access to {address!r} is blocked: the laptop profile runs offline. "
             "If this came from a model or data set load, use an asset from "
-            "rlhf_course.assets (see notebook 00), or unset "
+            "rlhf_course.core.assets (see notebook 00), or unset "
             f"{ENV_VAR} and run with RLHF_PROFILE=full on a machine with internet."
         )
     return _original_connect(self, address)

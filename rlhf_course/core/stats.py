@@ -1,0 +1,73 @@
+"""Masked statistics over padded token tensors, and running moments of a stream of scores.
+
+Whitening follows TRL 0.x (``masked_whiten`` / ``masked_var`` with Bessel's correction) and "The 37
+Implementation Details of PPO" (Huang et al. 2022, detail 7); under ``accelerate`` the mean and
+variance are taken over the tokens of every process, so the result does not depend on how a batch
+was split.  ``RunningMoments`` is Chan et al.'s parallel update, used for reward scaling (detail 5).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rlhf_course.core.distributed import sum_across
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp(min=1)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    mean = masked_mean(values, mask)
+    variance = masked_mean((values - mean) ** 2, mask)
+    if unbiased:  # Bessel's correction, as TRL0's masked_var
+        count = mask.sum()
+        if count < 2:
+            raise ValueError(f"whitening needs at least 2 unmasked values, got {int(count)}")
+        variance = variance * count / (count - 1)
+    return variance
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, accelerator=None) -> torch.Tensor:
+    """Normalise to zero mean, unit variance over unmasked entries only  [37 detail 7][TRL0].
+
+    With an ``accelerator`` of several processes, the mean and (unbiased) variance are over the
+    tokens of *all* processes: whitening each process's slice by its own statistics (as TRL 0.x
+    did) would make the update depend on how the batch was split.
+    """
+    if accelerator is None or accelerator.num_processes == 1:
+        mean, variance = masked_mean(values, mask), masked_var(values, mask)
+    else:
+        totals = sum_across(torch.stack([(values * mask).sum(), mask.sum()]).double(), accelerator)
+        count = totals[1]
+        if count < 2:
+            raise ValueError(f"whitening needs at least 2 unmasked values across processes, got {int(count)}")
+        mean = (totals[0] / count).to(values.dtype)
+        squares = sum_across((((values - mean) ** 2) * mask).sum().double().reshape(1), accelerator)[0]
+        variance = (squares / count * count / (count - 1)).to(values.dtype)  # Bessel, as masked_var
+    whitened = (values - mean) * torch.rsqrt(variance + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+class RunningMoments:
+    """Running mean / std of the scores (Chan et al. parallel update), for reward scaling [37 detail 5]."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-4
+
+    def update(self, values: torch.Tensor) -> None:
+        batch_mean, batch_var, batch_count = values.mean().item(), values.var(unbiased=False).item(), values.numel()
+        delta, total = batch_mean - self.mean, self.count + batch_count
+        self.mean += delta * batch_count / total
+        self.var = (self.var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total) / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(max(self.var, 1e-8))

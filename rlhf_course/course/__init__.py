@@ -1,0 +1,1 @@
+"""What sits on top: notebook helpers, the course runner, benchmarks and plots."""
