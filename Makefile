@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup course test bench lab clean
+.PHONY: setup course test unit bench lab clean
 
 $(STAMP): pyproject.toml assets/requirements-laptop.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ course: $(STAMP)
 
 test: $(STAMP)
 	RLHF_COURSE_NETWORK_GUARD=1 $(BIN)/python -m pytest
+
+# The unit tests alone (tests/), without replaying the notebooks: the quick check while editing.
+unit: $(STAMP)
+	RLHF_COURSE_NETWORK_GUARD=1 $(BIN)/python -m pytest tests
 
 bench: $(STAMP)
 	$(BIN)/python -m rlhf_course.bench all

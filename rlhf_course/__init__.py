@@ -1,9 +1,44 @@
 """Helper package for the RLHF course notebooks.
 
-One module per concept: ``profiles`` (laptop/full switch, device, seeding), ``assets`` (the
-offline model and data registry), ``losses``, ``readout``, ``token_loss``, ``data``,
-``reward_training``, ``sentiment``, ``sft``, ``ppo``, ``bench``.  Notebooks import from here and
-never define a function another notebook needs.
+Notebooks import from here and never define a function another notebook needs.  One module per
+concept, by folder; a layer imports only the layers listed under it (docs/architecture.md;
+tests/test_layout.py checks the rule and that this list names every module):
+
+core/      the base every stage uses; imports only core
+    core.profiles       the laptop / full switch, device choice, seeding, hub checks
+    core.assets         the asset registry with provenance, and the derived-asset cache (cached_build)
+    core.netguard       the guard that refuses every non-loopback connection
+    core.text           padding side and the batched tokenise-forward-collect loop
+    core.stats          masked mean / variance / whitening, running moments
+    core.distributed    Accelerate wrappers: sharding, gathering, checkpoints, rank reports
+    core.config         the config-dataclass convention: reference defaults, laptop overrides
+    core.cli            the scripts' command lines, generated from the config dataclasses
+reward/    stage 2, the reward model (notebooks 01-05); imports core
+    reward.losses       pairwise, K-wise, centred and point-wise reward losses
+    reward.readout      where the scalar is read from: last token, mean, CLS, pooling
+    reward.token_loss   the token-level pairwise (divergence) loss, vectorised
+    reward.data         hh-rlhf / hh_rlhf_cn preference data, parsed, checked and tokenised
+    reward.training     LoRA reward-model training: TRL's RewardTrainer and the seed's Trainer
+    reward.evaluation   accuracy on held-out pairs, and what accuracy does not show
+policy/    stage 1, the policy before RL (notebook 06); imports core
+    policy.sft          the SFT policy: a small GPT-2 trained on movie reviews
+    policy.sentiment    the sentiment classifier whose POSITIVE logit is the PPO reward
+rl/        stage 3, reinforcement learning (notebooks 07-09); imports policy and core
+    rl.ppo              PPO for language models, from scratch, in one file
+    rl.sampling         the prompts and the batched generation of a rollout
+    rl.tricks           PPO tricks and failure modes as experiments (notebook 08)
+    rl.beyond_ppo       DPO, RLOO and GRPO through TRL, against PPO (notebook 09)
+course/    on top: runs the course; may import anything
+    course.notebook     what each notebook's first cell calls (start), environment check, REPO
+    course.runner       executes every notebook and records its wall time
+    course.benchmarks   the timed benchmarks (token loss, rollout, PPO step)
+    course.plots        shared figures: the RLHF stages, LivePlot
+    course.memory       the GPU-memory table of docs/cluster.md
+    course.badges       the Colab badges of the notebooks and README, rendered from REPO
+scripts, on top:
+    bench               python -m rlhf_course.bench NAME: runs a benchmark or the whole course
+    train_reward        python -m rlhf_course.train_reward: the reward-model script
+    train_ppo           python -m rlhf_course.train_ppo: the PPO script
 """
 
 from rlhf_course.core import netguard as _netguard

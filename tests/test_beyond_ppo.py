@@ -8,6 +8,7 @@ import torch
 from datasets import Dataset
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
+from rlhf_course.policy.sentiment import SentimentReward, positive_label_index
 from rlhf_course.rl import beyond_ppo as bp
 from rlhf_course.core.assets import gpt2_tokenizer, minilm_tokenizer
 
@@ -54,20 +55,20 @@ def logits(classifier, tokenizer, texts, **kwargs):
 
 
 def test_positive_label_index_reads_id2label():
-    assert bp.positive_label_index(tiny_classifier({0: "NEGATIVE", 1: "POSITIVE"})) == 1
-    assert bp.positive_label_index(tiny_classifier({0: "POSITIVE", 1: "NEGATIVE"})) == 0
+    assert positive_label_index(tiny_classifier({0: "NEGATIVE", 1: "POSITIVE"})) == 1
+    assert positive_label_index(tiny_classifier({0: "POSITIVE", 1: "NEGATIVE"})) == 0
     with pytest.raises(ValueError, match="positive_index"):
-        bp.positive_label_index(tiny_classifier({0: "LABEL_0", 1: "LABEL_1"}))
+        positive_label_index(tiny_classifier({0: "LABEL_0", 1: "LABEL_1"}))
 
 
 def test_wrapper_returns_the_positive_logit_not_the_first(classifier, reward_tokenizer):
-    reward = bp.PositiveLogitReward(classifier, reward_tokenizer)
+    reward = SentimentReward(classifier, reward_tokenizer)
     scores = reward(prompts=TEXTS[:2], completions=[" indeed", " sadly"])
     expected = logits(classifier, reward_tokenizer, [TEXTS[0] + " indeed", TEXTS[1] + " sadly"])
     assert scores == pytest.approx(expected[:, 1].tolist(), abs=1e-5)
     assert scores != pytest.approx(expected[:, 0].tolist(), abs=1e-3)
-    swapped = bp.PositiveLogitReward(classifier, reward_tokenizer, positive_index=0)
-    assert swapped.score_texts(TEXTS) == pytest.approx(logits(classifier, reward_tokenizer, TEXTS)[:, 0].tolist(),
+    swapped = SentimentReward(classifier, reward_tokenizer, positive_index=0)
+    assert swapped.score_texts(TEXTS).tolist() == pytest.approx(logits(classifier, reward_tokenizer, TEXTS)[:, 0].tolist(),
                                                        abs=1e-5)
 
 
@@ -78,7 +79,7 @@ def test_trl_scores_a_classifier_passed_directly_by_its_negative_logit(
 
     args = bp.trl_args(GRPOConfig, tmp_path, max_steps=1, per_device_train_batch_size=2, num_generations=2,
                        max_completion_length=4)
-    wrapper = bp.PositiveLogitReward(classifier, reward_tokenizer)
+    wrapper = SentimentReward(classifier, reward_tokenizer)
     trainer = GRPOTrainer(model=tiny_policy_path, reward_funcs=[classifier, wrapper], args=args,
                           train_dataset=Dataset.from_dict({"prompt": TEXTS}), processing_class=policy_tokenizer,
                           reward_processing_classes=[reward_tokenizer, reward_tokenizer])
@@ -146,7 +147,7 @@ def test_dpo_two_steps(tmp_path, policy_tokenizer, tiny_policy_path):
 def test_group_trainers_two_steps(train, tmp_path, classifier, reward_tokenizer, policy_tokenizer,
                                   tiny_policy_path):
     prompts = Dataset.from_dict({"prompt": TEXTS})
-    reward = bp.PositiveLogitReward(classifier, reward_tokenizer)
+    reward = SentimentReward(classifier, reward_tokenizer)
     result = train(tiny_policy_path, policy_tokenizer, prompts, reward, SMOKE, tmp_path)
     assert len(result.history) == 2
     rewards = result.history["reward"].dropna()  # logged on the steps that sampled a new round
@@ -163,7 +164,7 @@ def test_group_trainers_two_steps(train, tmp_path, classifier, reward_tokenizer,
 def test_evaluate_policy_against_itself_has_zero_kl(classifier, reward_tokenizer, policy_tokenizer,
                                                      tiny_policy_path):
     policy = GPT2LMHeadModel.from_pretrained(tiny_policy_path)
-    reward = bp.PositiveLogitReward(classifier, reward_tokenizer)
+    reward = SentimentReward(classifier, reward_tokenizer)
     result = bp.evaluate_policy(policy, policy, policy_tokenizer, TEXTS, reward, max_new_tokens=5)
     assert abs(result["kl"]) < 1e-5 and math.isfinite(result["reward"])
     assert len(result["samples"]) == len(TEXTS)
@@ -220,7 +221,7 @@ def test_ppo_row_runs_the_course_ppo_on_the_same_budget(monkeypatch, classifier,
     ppo_config = bp.ppo_config_same_budget(SMOKE)
     assert (ppo_config.steps, ppo_config.batch_size, ppo_config.mini_batch_size, ppo_config.ppo_epochs) == (1, 4, 2, 1)
     queries = [policy_tokenizer(t)["input_ids"][:3] for t in TEXTS * 2]
-    result = bp.train_ppo(queries, bp.PositiveLogitReward(classifier, reward_tokenizer), SMOKE)
+    result = bp.train_ppo_same_budget(queries, SentimentReward(classifier, reward_tokenizer), SMOKE)
     assert len(result.history) == 1 and result.history["reward"].map(math.isfinite).all()
     assert result.models == ["policy", "critic (value head)", "reference", "reward model"]
     assert changed(initial_params(tiny_policy_path), result.model)

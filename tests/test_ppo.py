@@ -7,6 +7,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from rlhf_course.core import assets
+from rlhf_course.core.profiles import Profile
 from rlhf_course.rl import ppo
 from rlhf_course.rl import sampling
 from rlhf_course.core import stats
@@ -179,8 +180,8 @@ def test_policy_save_and_load_round_trip(tmp_path, tokenizer):
 def test_config_validation_names_the_setting():
     with pytest.raises(ValueError, match="mini_batch_size"):
         ppo.PPOConfig(batch_size=10, mini_batch_size=4).validate()
-    laptop = ppo.PPOConfig.for_profile(ppo.Profile("laptop"))
-    full = ppo.PPOConfig.for_profile(ppo.Profile("full"))
+    laptop = ppo.PPOConfig.for_profile("laptop")
+    full = ppo.PPOConfig.for_profile(Profile("full"))
     assert full.learning_rate == 1.41e-5 and full.batch_size == 128
     assert laptop.batch_size < full.batch_size
 
@@ -210,3 +211,35 @@ def test_eos_fraction_counts_responses_the_policy_ended_itself():
     stats = ppo.rollout_stats(experience, kl_coef=0.1, eos_id=eos)
     assert stats["eos_fraction"] == pytest.approx(1 / 3)  # not 2/3: the budget-cut row did not stop itself
     assert stats["response_length"] == pytest.approx((3 + 4 + 2) / 3)
+
+
+# ----------------------------------------------------------------------------- bad input (issue 17)
+
+
+def test_temperature_zero_is_greedy_and_negative_is_refused():
+    logits = torch.tensor([[0.0, 5.0, 1.0, 2.0], [3.0, -1.0, 0.0, 2.9]])
+    assert rollout_tokens(logits, ppo.PPOConfig(temperature=0.0)).tolist() == [1, 0]
+    with pytest.raises(ValueError, match="temperature=-1"):
+        rollout_tokens(logits, ppo.PPOConfig(temperature=-1.0))
+
+
+def rollout_tokens(logits, config):
+    return sampling.sample_next_token(logits, config, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e30])
+def test_a_non_finite_or_huge_reward_stops_ppo_before_any_weight_changes(tokenizer, bad):
+    lm = tiny_lm()
+    policy, reference = ppo.PolicyWithValueHead(lm), ppo.frozen_reference(lm)
+    config = ppo.PPOConfig(steps=2, batch_size=4, mini_batch_size=2, ppo_epochs=1, forward_batch_size=2)
+    queries = sampling.make_queries(["A gripping film about love", "Dull and far too long", "The cast is superb",
+                                     "I left halfway through"], tokenizer, config)
+    before = [p.detach().clone() for p in policy.parameters()]
+
+    def bad_reward(texts):
+        return torch.tensor([bad] + [1.0] * (len(texts) - 1))
+
+    with pytest.raises(ppo.NonFiniteError, match=r"PPO step 0") as error:
+        ppo.train_ppo(config, policy, reference, tokenizer, bad_reward, queries, progress=False)
+    assert "episode 0:" in str(error.value)  # the offending text is shown
+    assert all(torch.equal(b, p) for b, p in zip(before, policy.parameters()))

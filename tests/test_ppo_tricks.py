@@ -151,7 +151,7 @@ def test_change_text_and_compare_word():
 def test_noise_yardstick_is_at_least_two_standard_errors_and_the_seed_gap(tiny_config):
     def fake(rewards, std):
         history = pd.DataFrame({"reward_mean": rewards, "reward_std": [std] * len(rewards)})
-        return tricks.RunResult(tricks.Experiment("x", "g", "s"), tiny_config, history, pd.DataFrame(), 0.0)
+        return tricks.TrickRun(tricks.Experiment("x", "g", "s"), tiny_config, history, pd.DataFrame(), 0.0)
 
     a, b = fake([0.0, 0.0, 0.0, 1.0], 2.0), fake([0.0, 0.0, 0.0, 0.0], 2.0)
     se = 2.0 / math.sqrt(1 * tiny_config.batch_size)  # last quarter = 1 step of batch_size episodes

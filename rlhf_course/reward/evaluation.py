@@ -15,6 +15,8 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
+from rlhf_course.core.text import batched_forward
+
 # Reference figures reported by the seeds (full profile, on the hub data sets).
 SEED_REFERENCES = [
     {"run": "ColossalAI (Coati) bloom-560m reward model", "data": "Anthropic/hh-rlhf", "accuracy": 0.619},
@@ -22,23 +24,11 @@ SEED_REFERENCES = [
 ]
 
 
-@torch.no_grad()
 def score_texts(model, tokenizer, texts, batch_size: int = 32, max_length: int | None = None,
                 progress: bool = False) -> torch.Tensor:
-    """Scalar reward for each text (right padding, the head reads the last non-pad token)."""
-    model.eval()
-    device = next(model.parameters()).device
-    scores = []
-    starts = range(0, len(texts), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="scoring", leave=False)
-    for start in starts:
-        batch = tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=max_length is not None,
-                          max_length=max_length, return_tensors="pt").to(device)
-        scores.append(model(**batch).logits.squeeze(-1).float().cpu())
-    return torch.cat(scores) if scores else torch.empty(0)
+    """Scalar reward for each text (the tokenizer's padding side; the head reads the last real token)."""
+    return batched_forward(model, tokenizer, texts, lambda out: out.logits.squeeze(-1).float(), batch_size, max_length,
+                           progress)
 
 
 def score_pairs(model, tokenizer, frame: pd.DataFrame, batch_size: int = 32, max_length: int | None = None,

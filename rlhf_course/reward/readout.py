@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rlhf_course.core import text
+
 __all__ = [
     "last_token_index_from_mask",
     "last_token_index_right_padded",
@@ -173,16 +175,10 @@ def encode(model, tokenizer, texts: list[str], padding_side: str = "right", batc
     trap: the mask is rebuilt as ``ids != pad_id`` instead of taken from the tokenizer.
     Batches are padded to the longest text of the *whole* list, so every text has one fixed layout.
     """
-    if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
     if not texts:
         raise ValueError("no texts to encode.")
-    previous = tokenizer.padding_side
-    tokenizer.padding_side = padding_side
-    try:
+    with text.padding_side(tokenizer, padding_side):
         batch = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
-    finally:
-        tokenizer.padding_side = previous
     ids, mask = batch["input_ids"], batch["attention_mask"]
     if attention_mask_from_pad_id:
         mask = attention_mask_from_ids(ids, tokenizer.pad_token_id)

@@ -34,13 +34,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from rlhf_course.core.text import padding_side
+
 __all__ = [
     "TokenLossOutput",
     "token_level_pairwise_loss_reference",
     "token_level_pairwise_loss",
     "divergence_windows",
     "movie_preference_pairs",
-    "tokenize_pairs",
+    "tokenize_pair_tensors",
     "trim_padding",
 ]
 
@@ -196,7 +198,7 @@ def movie_preference_pairs(max_pairs: int = 2000, seed: int = 0, max_words: int 
     return ordered
 
 
-def tokenize_pairs(pairs: list[dict], tokenizer, max_length: int = 64) -> dict[str, torch.Tensor]:
+def tokenize_pair_tensors(pairs: list[dict], tokenizer, max_length: int = 64) -> dict[str, torch.Tensor]:
     """Tokenize ``prompt + chosen`` and ``prompt + rejected``, right-padded to one common length.
 
     Returns the four id/mask tensors the token-level loss takes (``chosen_ids``, ``rejected_ids``,
@@ -208,16 +210,12 @@ def tokenize_pairs(pairs: list[dict], tokenizer, max_length: int = 64) -> dict[s
     missing = [i for i, p in enumerate(pairs) if not {"prompt", "chosen", "rejected"} <= set(p)]
     if missing:
         raise ValueError(f"pair {missing[0]} lacks one of the fields prompt/chosen/rejected: {sorted(pairs[missing[0]])}")
-    previous = tokenizer.padding_side
-    tokenizer.padding_side = "right"
-    try:
+    with padding_side(tokenizer, "right"):
         encoded = {
             side: tokenizer([p["prompt"] + p[side] for p in pairs], padding="longest", truncation=True,
                             max_length=max_length, return_tensors="pt")
             for side in ("chosen", "rejected")
         }
-    finally:
-        tokenizer.padding_side = previous
     length = max(e["input_ids"].shape[1] for e in encoded.values())
     out = {}
     for side, e in encoded.items():

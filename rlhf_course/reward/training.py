@@ -29,7 +29,8 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from rlhf_course.reward.losses import log_sig_loss
-from rlhf_course.core.profiles import Profile, current_profile, require_hub
+from rlhf_course.core.config import ProfileConfig
+from rlhf_course.core.profiles import PROFILES, require_hub
 
 # Short names for the base models; the full-profile ones are the seeds' hub ids.
 BASE_MODELS = {
@@ -46,49 +47,60 @@ LORA_TARGETS = {
 MODEL_CARD = "reward_model.json"
 
 
+# The laptop profile's values (SmolLM2-135M, packaged pairs, a 2-core CPU): everything else is the reference.
+LAPTOP_OVERRIDES = dict(
+    profile="laptop", base_model="smollm2", train_size=256, test_size=128, max_length=96,
+    gradient_accumulation_steps=1, learning_rate=1e-3, warmup_ratio=0.0, lora_last_layers=10,
+    load_in_4bit=False, logging_steps=4,
+)
+TRAINERS = ("trl", "pairwise")
+
+
 @dataclass
-class RewardTrainingConfig:
-    """Every setting of a reward-model run; defaults are the laptop profile's."""
+class RewardTrainingConfig(ProfileConfig):
+    """Every setting of a reward-model run.
 
-    profile: str = "laptop"
-    language: str = "en"  # en | zh | bilingual
-    trainer: str = "trl"  # trl | pairwise
-    base_model: str = "smollm2"  # smollm2 | qwen2-0.5b | bloom-560m
-    train_size: int | None = 256  # pairs per language (None: all)
-    test_size: int | None = 128
-    max_length: int = 96  # tokens per prompt + reply
-    epochs: float = 1.0
-    batch_size: int = 8  # pairs per step
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-3
-    warmup_ratio: float = 0.0
-    lr_scheduler: str = "linear"
-    weight_decay: float = 0.0
-    lora_r: int = 4
-    lora_alpha: int = 32
-    lora_dropout: float = 0.1
-    lora_targets: tuple[str, ...] | None = None  # None: by architecture (LORA_TARGETS)
-    lora_last_layers: int | None = 10  # LoRA only in the top N layers (None: all layers)
-    load_in_4bit: bool = False
-    logging_steps: int = 4
-    seed: int = 0
-    extra: dict = field(default_factory=dict)  # anything else, recorded with the model
+    Defaults are the reference values: the Qwen2-0.5B LoRA seed's (the full profile: hub model and
+    data, 4-bit, a GPU).  ``LAPTOP_OVERRIDES`` holds the laptop values, which
+    ``RewardTrainingConfig.for_profile("laptop")`` applies (``rlhf_course.core.config``).
+    """
 
-    @classmethod
-    def for_profile(cls, profile: Profile | str | None = None, **overrides) -> "RewardTrainingConfig":
-        """Defaults for ``profile``: laptop (SmolLM2, CPU) or full (Qwen2-0.5B, 4-bit, GPU)."""
-        profile = profile if isinstance(profile, Profile) else Profile(profile) if profile else current_profile()
-        if profile.is_full:
-            base = dict(profile="full", base_model="qwen2-0.5b", train_size=None, test_size=None,
-                        max_length=512, batch_size=8, gradient_accumulation_steps=4, learning_rate=1e-4,
-                        warmup_ratio=0.03, lora_last_layers=None, load_in_4bit=True, logging_steps=20)
-        else:
-            base = dict(profile="laptop")
-        base.update(overrides)
-        unknown = set(base) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown RewardTrainingConfig settings: {sorted(unknown)}")
-        return cls(**base)
+    laptop_overrides = LAPTOP_OVERRIDES
+
+    profile: str = field(default="full", metadata={"help": "laptop or full: which data and model world the run is in"})
+    language: str = field(default="en", metadata={"help": "preference pairs: en | zh | bilingual"})
+    trainer: str = field(default="trl", metadata={"help": "trl (TRL's RewardTrainer) | pairwise (the seed's own Trainer)"})
+    base_model: str = field(default="qwen2-0.5b", metadata={
+        "help": "smollm2 | qwen2-0.5b | bloom-560m, or the path of a local model folder"})
+    train_size: int | None = field(default=None, metadata={"help": "training pairs per language (None: all)"})
+    test_size: int | None = field(default=None, metadata={"help": "held-out pairs per language (None: all)"})
+    max_length: int = field(default=512, metadata={"help": "tokens per prompt + reply"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the training pairs"})
+    batch_size: int = field(default=8, metadata={"help": "pairs per step, per process"})
+    gradient_accumulation_steps: int = field(default=4, metadata={"help": "steps whose gradients are summed per update"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate"})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of the steps spent warming up the learning rate"})
+    lr_scheduler: str = field(default="linear", metadata={"help": "transformers lr_scheduler_type, e.g. linear or cosine"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    lora_r: int = field(default=4, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)"})
+    lora_dropout: float = field(default=0.1, metadata={"help": "dropout on the LoRA input"})
+    lora_targets: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "module names LoRA adapts (None: by architecture, LORA_TARGETS)"})
+    lora_last_layers: int | None = field(default=None, metadata={
+        "help": "LoRA only in the top N layers (None: all layers)"})
+    load_in_4bit: bool = field(default=True, metadata={
+        "help": "QLoRA-style 4-bit base weights (needs CUDA and bitsandbytes; skipped with a note otherwise)"})
+    logging_steps: int = field(default=20, metadata={"help": "log loss and accuracy every N steps"})
+    seed: int = field(default=0, metadata={"help": "seed of the data split, the head's initialisation and the batches"})
+    extra: dict = field(default_factory=dict, metadata={
+        "help": "anything else, recorded with the model (JSON on the command line)"})
+
+    def validate(self) -> None:
+        if self.profile not in PROFILES:
+            raise ValueError(f"profile={self.profile!r}; choose one of {PROFILES}")
+        if self.trainer not in TRAINERS:
+            raise ValueError(f"trainer={self.trainer!r} is not known; use one of {TRAINERS}")
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

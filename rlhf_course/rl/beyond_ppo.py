@@ -33,37 +33,72 @@ import pandas as pd
 import torch
 from torch import nn
 
+from rlhf_course.core.config import ProfileConfig
+from rlhf_course.core.text import padding_side
+from rlhf_course.policy.sentiment import SentimentReward
+
 # ----------------------------------------------------------------------------- TRL configs
 
 
-@dataclass
-class BeyondPPOConfig:
-    """Hyper-parameters of the three runs, laptop-sized (one place to change them).
+# No laptop overrides: these runs have no reference (full-profile) values, so the defaults are the
+# laptop values in both profiles (the paper values are noted in the help of each field).
+LAPTOP_OVERRIDES: dict = {}
 
-    The paper values are noted where a method has one; the laptop values are picked so each run
-    takes about a minute on a 2-core CPU.
+
+@dataclass
+class BeyondPPOConfig(ProfileConfig):
+    """Hyper-parameters of the DPO, RLOO, GRPO and PPO runs of notebook 09 (one place to change them).
+
+    Laptop values only: no reference values exist for these runs, so the defaults are the laptop
+    values, picked so each run takes about a minute on a 2-core CPU, and ``LAPTOP_OVERRIDES`` is
+    empty (``for_profile`` gives the same config in both profiles).  The paper values are noted where
+    a method has one.  The ``ppo_*`` fields are applied in the laptop profile only: in the full
+    profile the PPO row keeps ``PPOConfig``'s seed values (``ppo_config_same_budget``).
     """
 
-    seed: int = 0
+    laptop_overrides = LAPTOP_OVERRIDES
+
+    seed: int = field(default=0, metadata={"help": "seed of every run (TRL's seed, PPO's seed)"})
     # DPO (Rafailov et al. 2023: beta 0.1, lr 1e-6, batch 64, on 1B+ pretrained models); the laptop
     # policy is a 7M model trained from scratch, which takes a far larger learning rate
-    dpo_beta: float = 0.1
-    dpo_learning_rate: float = 5e-4
-    dpo_steps: int = 32  # one epoch of the 256 English training pairs of notebook 04
-    dpo_batch_size: int = 8
-    dpo_max_length: int = 64  # prompt + reply tokens; the laptop pairs are short
+    dpo_beta: float = field(default=0.1, metadata={"help": "DPO beta (Rafailov et al. 2023: 0.1)"})
+    dpo_learning_rate: float = field(default=5e-4, metadata={
+        "help": "DPO learning rate (paper: 1e-6 on 1B+ pretrained models; the laptop policy is a 7M model "
+                "trained from scratch, which takes a far larger one)"})
+    dpo_steps: int = field(default=32, metadata={"help": "DPO steps: one epoch of the 256 English training pairs of notebook 04"})
+    dpo_batch_size: int = field(default=8, metadata={"help": "DPO pairs per step (paper: 64)"})
+    dpo_max_length: int = field(default=64, metadata={"help": "DPO prompt + reply tokens; the laptop pairs are short"})
     # RLOO / GRPO (and the PPO row) on the sentiment task of notebook 07: every method samples the
     # same number of completions, rl_rounds x rl_prompts_per_round x rl_num_generations
-    rl_rounds: int = 10  # sampling rounds
-    rl_prompts_per_round: int = 8
-    rl_num_generations: int = 4  # k completions per prompt: the group (GRPO) / leave-one-out set (RLOO)
-    rl_minibatches: int = 4  # gradient steps per pass over a round, each on an equal share of it
-    rl_epochs: int = 4  # passes over each round: PPO's ppo_epochs, TRL's num_iterations (mu in GRPO)
-    rl_learning_rate: float = 2e-4  # laptop value for a small policy trained from scratch
-    rl_max_completion_length: int = 16  # responses of 4-16 tokens in the seed
-    rloo_beta: float = 0.05  # TRL's default: KL folded into the reward
-    grpo_beta: float = 0.04  # DeepSeekMath's value; TRL's default is 0.0, which loads no reference
-    temperature: float = 1.0  # pure sampling, as in the PPO notebook (top_k 0, top_p 1)
+    rl_rounds: int = field(default=10, metadata={"help": "sampling rounds (RLOO, GRPO and the PPO row alike)"})
+    rl_prompts_per_round: int = field(default=8, metadata={"help": "prompts sampled per round"})
+    rl_num_generations: int = field(default=4, metadata={
+        "help": "k completions per prompt: the group (GRPO) / leave-one-out set (RLOO)"})
+    rl_minibatches: int = field(default=4, metadata={
+        "help": "gradient steps per pass over a round, each on an equal share of it"})
+    rl_epochs: int = field(default=4, metadata={
+        "help": "passes over each round: PPO's ppo_epochs, TRL's num_iterations (mu in GRPO)"})
+    rl_learning_rate: float = field(default=2e-4, metadata={
+        "help": "RLOO/GRPO learning rate: a laptop value for a small policy trained from scratch"})
+    rl_max_completion_length: int = field(default=16, metadata={"help": "completion tokens (responses of 4-16 tokens in the seed)"})
+    rloo_beta: float = field(default=0.05, metadata={"help": "RLOO's KL coefficient (TRL's default: KL folded into the reward)"})
+    grpo_beta: float = field(default=0.04, metadata={
+        "help": "GRPO's KL coefficient (DeepSeekMath's value; TRL's default is 0.0, which loads no reference)"})
+    temperature: float = field(default=1.0, metadata={
+        "help": "sampling temperature: pure sampling, as in the PPO notebook (top_k 0, top_p 1)"})
+    # The PPO row (laptop profile only): a step size near RLOO's and GRPO's and the seed's beta
+    ppo_learning_rate: float = field(default=3e-4, metadata={
+        "help": "PPO row's learning rate, near rl_learning_rate (laptop only; full: PPOConfig's 1.41e-5)"})
+    ppo_init_kl_coef: float = field(default=0.2, metadata={
+        "help": "PPO row's beta: the seed's 0.2, not notebook 07's laptop 0.05 (laptop only; full: PPOConfig's 0.2)"})
+    ppo_forward_batch_size: int = field(default=32, metadata={
+        "help": "PPO row's no-grad forward chunk (laptop only; full: PPOConfig's 64)"})
+
+    def validate(self) -> None:
+        completions = self.rl_prompts_per_round * self.rl_num_generations
+        if completions % self.rl_minibatches:
+            raise ValueError(f"{completions} completions per round do not split into rl_minibatches="
+                             f"{self.rl_minibatches} equal gradient steps")
 
 
 def on_cpu() -> bool:
@@ -98,53 +133,6 @@ def trl_args(config_class, output_dir: str | Path, **overrides):
 
 
 # ----------------------------------------------------------------------------- reward function
-
-
-class PositiveLogitReward:
-    """Reward function for TRL's RLOO/GRPO trainers: the POSITIVE logit of a sentiment classifier.
-
-    TRL calls ``reward(prompts=..., completions=..., **columns)`` and wants one float per completion.
-    Passing a ``*ForSequenceClassification`` model directly as ``reward_funcs`` makes TRL score
-    ``logits[:, 0]``, which for a 2-class sentiment model is the NEGATIVE class: training would then
-    make the policy *more negative*. This wrapper reads the label named POSITIVE from
-    ``config.id2label`` (or the index you give) instead.
-    """
-
-    def __init__(self, classifier: nn.Module, tokenizer, positive_index: int | None = None,
-                 max_length: int = 128, batch_size: int = 64):
-        self.classifier = classifier.eval()
-        self.tokenizer = tokenizer
-        self.positive_index = positive_label_index(classifier) if positive_index is None else positive_index
-        self.max_length = max_length
-        self.batch_size = batch_size
-        self.__name__ = "positive_logit"  # TRL logs rewards under the callable's name
-
-    def score_texts(self, texts: Sequence[str]) -> list[float]:
-        device = next(self.classifier.parameters()).device
-        scores: list[float] = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(list(texts[start : start + self.batch_size]), return_tensors="pt",
-                                   padding=True, truncation=True, max_length=self.max_length).to(device)
-            with torch.inference_mode():
-                logits = self.classifier(**batch).logits
-            scores.extend(logits[:, self.positive_index].float().tolist())
-        return scores
-
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **_columns) -> list[float]:
-        # The seed scores query + response together, as the classifier saw whole snippets in training.
-        return self.score_texts([p + c for p, c in zip(prompts, completions, strict=True)])
-
-
-def positive_label_index(classifier: nn.Module) -> int:
-    """Index of the POSITIVE class in ``classifier.config.id2label``; fails loudly if ambiguous."""
-    id2label = getattr(getattr(classifier, "config", None), "id2label", None) or {}
-    matches = [int(i) for i, name in id2label.items() if "pos" in str(name).lower()]
-    if len(matches) != 1:
-        raise ValueError(
-            f"Cannot tell which logit is POSITIVE from id2label={id2label}. Name the labels in the "
-            "classifier's config (e.g. {0: 'NEGATIVE', 1: 'POSITIVE'}) or pass positive_index=..."
-        )
-    return matches[0]
 
 
 def trl_reward_columns(trainer, prompts: Sequence[str], completions: Sequence[str]) -> pd.DataFrame:
@@ -247,7 +235,7 @@ def trainer_networks(trainer) -> dict[str, nn.Module]:
     if getattr(trainer, "ref_model", None) is not None:
         held["reference"] = trainer.ref_model
     for reward in getattr(trainer, "reward_funcs", []):
-        module = reward if isinstance(reward, nn.Module) else getattr(reward, "classifier", None)
+        module = reward if isinstance(reward, nn.Module) else getattr(reward, "model", None)
         if isinstance(module, nn.Module):
             held["reward model"] = module
     return held
@@ -273,7 +261,7 @@ def state_megabytes(networks: dict[str, nn.Module], trained: Sequence[str] = TRA
 
 
 @dataclass
-class RunResult:
+class MethodRun:
     """What one training run produced: the trained policy and its measured costs."""
 
     method: str
@@ -288,7 +276,7 @@ class RunResult:
 
 
 def measured_run(method: str, build: Callable[[], object], train: Callable[[object], pd.DataFrame],
-                 networks: Callable[[object], dict[str, nn.Module]]) -> RunResult:
+                 networks: Callable[[object], dict[str, nn.Module]]) -> MethodRun:
     """Build a trainer, train it, and measure wall time and resident memory around both."""
     gc.collect()
     with MemoryMonitor() as memory:
@@ -297,7 +285,7 @@ def measured_run(method: str, build: Callable[[], object], train: Callable[[obje
         history = train(trainer)
         wall_s, cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
     held = networks(trainer)
-    return RunResult(method, held["policy"], history, wall_s, cpu_s, memory.peak_mb, memory.added_mb,
+    return MethodRun(method, held["policy"], history, wall_s, cpu_s, memory.peak_mb, memory.added_mb,
                      state_megabytes(held), list(held))
 
 
@@ -326,7 +314,7 @@ def _train_trl(trainer) -> pd.DataFrame:
     return pd.DataFrame([row for row in trainer.state.log_history if "loss" in row]).set_index("step")
 
 
-def _run_trl(method: str, build: Callable[[], object]) -> RunResult:
+def _run_trl(method: str, build: Callable[[], object]) -> MethodRun:
     def build_quietly():
         trainer = build()
         _quiet_progress(trainer, method)
@@ -338,7 +326,7 @@ def _run_trl(method: str, build: Callable[[], object]) -> RunResult:
 # ----------------------------------------------------------------------------- the three trainers
 
 
-def train_dpo(policy, tokenizer, pairs, config: BeyondPPOConfig, output_dir: str | Path) -> RunResult:
+def train_dpo(policy, tokenizer, pairs, config: BeyondPPOConfig, output_dir: str | Path) -> MethodRun:
     """DPO with TRL on ``pairs`` (columns ``prompt``, ``chosen``, ``rejected``)."""
     from trl import DPOConfig, DPOTrainer
 
@@ -366,34 +354,37 @@ def _group_args(config_class, config: BeyondPPOConfig, output_dir, beta: float):
                     temperature=config.temperature, top_k=0, top_p=1.0)
 
 
-def train_rloo(policy, tokenizer, prompts, reward_fn: Callable, config: BeyondPPOConfig,
-               output_dir: str | Path) -> RunResult:
-    """RLOO with TRL: ``prompts`` is a Dataset with a ``prompt`` column."""
-    from trl import RLOOConfig, RLOOTrainer
+def _train_group(method: str, policy, tokenizer, prompts, reward_fn: Callable, config: BeyondPPOConfig,
+                 output_dir: str | Path, beta: float) -> MethodRun:
+    """RLOO or GRPO through TRL's ``{method}Trainer``: both sample a group of completions per prompt."""
+    import trl
 
-    args = _group_args(RLOOConfig, config, output_dir, config.rloo_beta)
+    config_class, trainer_class = getattr(trl, f"{method}Config"), getattr(trl, f"{method}Trainer")
+    args = _group_args(config_class, config, output_dir, beta)
     path = require_saved_path(policy)
-    return _run_trl("RLOO", lambda: RLOOTrainer(model=path, reward_funcs=reward_fn, args=args,
-                                                train_dataset=prompts, processing_class=tokenizer))
+    return _run_trl(method, lambda: trainer_class(model=path, reward_funcs=reward_fn, args=args,
+                                                  train_dataset=prompts, processing_class=tokenizer))
+
+
+def train_rloo(policy, tokenizer, prompts, reward_fn: Callable, config: BeyondPPOConfig,
+               output_dir: str | Path) -> MethodRun:
+    """RLOO (Ahmadian et al. 2024) with TRL: ``prompts`` is a Dataset with a ``prompt`` column."""
+    return _train_group("RLOO", policy, tokenizer, prompts, reward_fn, config, output_dir, config.rloo_beta)
 
 
 def train_grpo(policy, tokenizer, prompts, reward_fn: Callable, config: BeyondPPOConfig,
-               output_dir: str | Path) -> RunResult:
-    """GRPO with TRL: ``prompts`` is a Dataset with a ``prompt`` column."""
-    from trl import GRPOConfig, GRPOTrainer
-
-    args = _group_args(GRPOConfig, config, output_dir, config.grpo_beta)
-    path = require_saved_path(policy)
-    return _run_trl("GRPO", lambda: GRPOTrainer(model=path, reward_funcs=reward_fn, args=args,
-                                                train_dataset=prompts, processing_class=tokenizer))
+               output_dir: str | Path) -> MethodRun:
+    """GRPO (Shao et al. 2024, DeepSeekMath) with TRL: ``prompts`` is a Dataset with a ``prompt`` column."""
+    return _train_group("GRPO", policy, tokenizer, prompts, reward_fn, config, output_dir, config.grpo_beta)
 
 
 def ppo_config_same_budget(config: BeyondPPOConfig):
     """Notebook 07's PPO, resized to sample as many completions as the RLOO/GRPO runs.
 
-    The step size is kept near RLOO's and GRPO's (``rl_learning_rate``) and β at the seed's 0.2, rather
-    than notebook 07's laptop values (lr 5e-4, β 0.05, tuned for 55 steps of 64): with a handful of
-    rounds the comparison is about the algorithms, not about who got the larger learning rate.
+    The step size is kept near RLOO's and GRPO's (``ppo_learning_rate`` near ``rl_learning_rate``) and
+    β at the seed's 0.2 (``ppo_init_kl_coef``), rather than notebook 07's laptop values (lr 5e-4, β 0.05,
+    tuned for 55 steps of 64): with a handful of rounds the comparison is about the algorithms, not
+    about who got the larger learning rate.  The full profile keeps ``PPOConfig``'s seed values.
     """
     from rlhf_course.rl import ppo
     from rlhf_course.core.profiles import current_profile
@@ -403,11 +394,12 @@ def ppo_config_same_budget(config: BeyondPPOConfig):
                                      mini_batch_size=completions // config.rl_minibatches,
                                      ppo_epochs=config.rl_epochs, seed=config.seed,
                                      **({} if current_profile().is_full else
-                                        dict(learning_rate=3e-4, init_kl_coef=0.2, forward_batch_size=32)))
+                                        dict(learning_rate=config.ppo_learning_rate, init_kl_coef=config.ppo_init_kl_coef,
+                                             forward_batch_size=config.ppo_forward_batch_size)))
 
 
-def train_ppo(queries: list[list[int]], reward: PositiveLogitReward, config: BeyondPPOConfig,
-              device: torch.device | str = "cpu") -> RunResult:
+def train_ppo_same_budget(queries: list[list[int]], reward: SentimentReward, config: BeyondPPOConfig,
+                          device: torch.device | str = "cpu") -> MethodRun:
     """The course's own PPO (``rlhf_course.rl.ppo``, notebook 07) on the same budget, measured the same way.
 
     Its critic is a value head on the policy's trunk (as TRL 0.x), so four roles live in three
@@ -417,21 +409,18 @@ def train_ppo(queries: list[list[int]], reward: PositiveLogitReward, config: Bey
 
     ppo_config = ppo_config_same_budget(config)
 
-    def text_reward(texts: list[str]) -> torch.Tensor:
-        return torch.tensor(reward.score_texts(texts))
-
     def build():
         return ppo.load_policy_and_reference(device)
 
     def train(parts) -> pd.DataFrame:
         policy, reference, tokenizer = parts
-        history = ppo.train_ppo(ppo_config, policy, reference, tokenizer, text_reward, queries, device=device)
+        history = ppo.train_ppo(ppo_config, policy, reference, tokenizer, reward.score_texts, queries, device=device)
         return pd.DataFrame(history).rename(columns={"reward_mean": "reward"}).set_index("step")
 
     def networks(parts) -> dict[str, nn.Module]:
         policy, reference, _ = parts
         return {"policy": policy.lm, "critic (value head)": policy.v_head, "reference": reference,
-                "reward model": reward.classifier}
+                "reward model": reward.model}
 
     return measured_run("PPO", build, train, networks)
 
@@ -503,12 +492,12 @@ def sample_completions(policy: nn.Module, tokenizer, prompts: Sequence[str], max
     device = next(policy.parameters()).device
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
     all_prompts, all_completions = [], []
     try:
         for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True,
-                              add_special_tokens=False).to(device)
+            with padding_side(tokenizer, "left"):  # generation appends after each prompt's real last token
+                batch = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True,
+                                  add_special_tokens=False).to(device)
             with torch.inference_mode():
                 out = policy.generate(**batch, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
                                       max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
@@ -520,7 +509,6 @@ def sample_completions(policy: nn.Module, tokenizer, prompts: Sequence[str], max
                 all_prompts.append(ids[mask.bool()].tolist())
                 all_completions.append(completion)
     finally:
-        tokenizer.padding_side = side
         torch.random.set_rng_state(generator_state)
     return all_prompts, all_completions
 

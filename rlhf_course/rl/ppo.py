@@ -16,6 +16,9 @@ where each detail comes from:
 
 One PPO step = make experience (sample responses, score them, compute log-probs, values and
 per-token rewards) -> advantages with GAE -> a few epochs of clipped policy and value updates.
+The prompts and the sampling loop live in ``rlhf_course.rl.sampling``, the masked statistics in
+``rlhf_course.core.stats``, the scale-out wrappers in ``rlhf_course.core.distributed``; this file is
+the algorithm alone.
 
 The critic is a *value head on the policy* (one linear layer on the last hidden state, as TRL 0.x's
 ``AutoModelForCausalLMWithValueHead``): one forward pass gives both log-probs and values, which
@@ -38,7 +41,7 @@ import torch
 import torch.nn as nn
 
 from rlhf_course.core import distributed
-from rlhf_course.core.profiles import Profile, current_profile
+from rlhf_course.core.config import ProfileConfig
 from rlhf_course.core.stats import RunningMoments, masked_mean, masked_var, masked_whiten
 from rlhf_course.rl.sampling import RewardFn, generate_batch
 
@@ -59,67 +62,73 @@ def learning_rate_at(config: "PPOConfig", step: int) -> float:
     return config.learning_rate * LR_SCHEDULES[config.lr_schedule](step, config.steps)
 
 
+# The laptop profile's values (``PPOConfig.for_profile("laptop")``); the defaults are the seed's.
+# A small policy trained from scratch is far from GPT-2's pretrained optimum, so it takes a much
+# larger learning rate and a smaller KL coefficient (its sampling entropy is ~6 nats/token, so the
+# few positive words it must learn to pick start out rare), and a half-size batch split into more
+# mini-batches gets the reward up within a few CPU minutes.  Chosen by a sweep on the 2-core machine
+# (40-80 steps each): lr 3e-4/beta 0.2 gained +0.5 in 60 steps, lr 1e-3 collapsed (value loss 16,
+# KL 28), beta 0.1 at batch 32 gained +1.5 in 80 steps.
+LAPTOP_OVERRIDES = dict(
+    min_review_chars=150,  # laptop snippets are <= 255 chars: > 200 keeps only 638 of them
+    steps=55, batch_size=64, mini_batch_size=16, learning_rate=5e-4, forward_batch_size=64,
+    max_grad_norm=1.0, init_kl_coef=0.05,
+)
+
+
 @dataclass
-class PPOConfig:
-    """Every PPO setting in one place.  Defaults are the seed's (TRL 0.x ``PPOConfig`` as used by
-    the ``gpt2-sentiment`` notebook); ``PPOConfig.for_profile()`` swaps in the laptop values."""
+class PPOConfig(ProfileConfig):
+    """Every PPO setting in one place.  Defaults are the reference values, the seed's (TRL 0.x
+    ``PPOConfig`` as used by the ``gpt2-sentiment`` notebook); ``PPOConfig.for_profile()`` swaps in
+    the laptop values, ``LAPTOP_OVERRIDES`` (``rlhf_course.core.config``)."""
+
+    laptop_overrides = LAPTOP_OVERRIDES
 
     # --- data and sampling (the seed notebook)
-    min_review_chars: int = 200  # keep reviews longer than this (seed: IMDB reviews > 200 chars)
-    query_min_tokens: int = 2  # query length ~ LengthSampler(2, 8): uniform over [2, 8)  [TRL0]
-    query_max_tokens: int = 8
-    response_min_tokens: int = 4  # response length budget ~ LengthSampler(4, 16)  [TRL0]
-    response_max_tokens: int = 16
-    top_k: int = 0  # pure sampling: no top-k, no nucleus, temperature 1 (seed's gen_kwargs)
-    top_p: float = 1.0
-    temperature: float = 1.0
-    force_max_length: bool = False  # True: suppress EOS so every response runs to its budget
+    min_review_chars: int = field(default=200, metadata={
+        "help": "keep reviews longer than this (seed: IMDB reviews > 200 chars)"})
+    query_min_tokens: int = field(default=2, metadata={
+        "help": "query length ~ LengthSampler(2, 8): uniform over [query_min_tokens, query_max_tokens)  [TRL0]"})
+    query_max_tokens: int = field(default=8, metadata={"help": "upper end (excluded) of the query length"})
+    response_min_tokens: int = field(default=4, metadata={
+        "help": "response length budget ~ LengthSampler(4, 16): uniform over [response_min_tokens, response_max_tokens)  [TRL0]"})
+    response_max_tokens: int = field(default=16, metadata={"help": "upper end (excluded) of the response length budget"})
+    top_k: int = field(default=0, metadata={"help": "top-k sampling (0: off; the seed samples purely, gen_kwargs)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling (1.0: off, as the seed)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (1.0, as the seed)"})
+    force_max_length: bool = field(default=False, metadata={
+        "help": "suppress EOS so every response runs to its budget (min_length = max_length)"})
     # --- optimisation  [TRL0 defaults]
-    steps: int = 194  # PPO steps (seed: 25,000 IMDB reviews / 128 = 194)
-    batch_size: int = 128  # episodes (query+response) per PPO step
-    mini_batch_size: int = 128  # episodes per gradient step
-    ppo_epochs: int = 4  # passes over each batch of experience
-    learning_rate: float = 1.41e-5
-    adam_eps: float = 1e-8
-    max_grad_norm: float | None = None  # [37] global gradient clipping (TRL0 default: off)
-    lr_schedule: str = "constant"  # "constant" (TRL0) or "linear": decay to 0 over `steps`  [37 detail 4]
-    forward_batch_size: int = 64  # chunk size of the no-grad forward passes in make-experience
+    steps: int = field(default=194, metadata={"help": "PPO steps (seed: 25,000 IMDB reviews / 128 = 194)"})
+    batch_size: int = field(default=128, metadata={
+        "help": "episodes (query+response) per PPO step, global over all processes"})
+    mini_batch_size: int = field(default=128, metadata={"help": "episodes per gradient step, global over all processes"})
+    ppo_epochs: int = field(default=4, metadata={"help": "passes over each batch of experience"})
+    learning_rate: float = field(default=1.41e-5, metadata={"help": "Adam learning rate  [TRL0]"})
+    adam_eps: float = field(default=1e-8, metadata={"help": "Adam epsilon"})
+    max_grad_norm: float | None = field(default=None, metadata={
+        "help": "global gradient clipping (None: off, the TRL0 default)  [37 detail 11]"})
+    lr_schedule: str = field(default="constant", metadata={
+        "help": "constant (TRL0) or linear: decay to 0 over `steps`  [37 detail 4]"})
+    forward_batch_size: int = field(default=64, metadata={
+        "help": "chunk size of the no-grad forward passes in make-experience"})
     # --- RL
-    gamma: float = 1.0  # no discounting inside a 4-16 token episode  [TRL0]
-    lam: float = 0.95  # GAE lambda  [PPO][TRL0]
-    cliprange: float = 0.2  # policy ratio clip  [PPO]
-    cliprange_value: float = 0.2  # value clip around the old values  [37 detail 9][TRL0]
-    vf_coef: float = 0.1  # weight of the value loss: policy and critic share a trunk  [TRL0]
-    entropy_coef: float = 0.0  # optional entropy bonus  [37 detail 10]; 0 as in TRL0
-    init_kl_coef: float = 0.2  # beta of the per-token KL penalty  [Ziegler][TRL0]
-    adaptive_kl: bool = True  # adapt beta towards a target KL  [Ziegler]
-    kl_target: float = 6.0  # nats per response  [TRL0]
-    kl_horizon: int = 10000  # [Ziegler]
-    whiten_advantages: bool = True  # [37 detail 7] normalise advantages per batch
-    scale_rewards: bool = False  # divide scores by their running std  [37 detail 5][TRL0 use_score_scaling]
-    seed: int = 0
-
-    @classmethod
-    def for_profile(cls, profile: Profile | None = None, **overrides) -> "PPOConfig":
-        """The seed's values in the full profile; CPU-sized values in the laptop profile.
-
-        Laptop: a small policy trained from scratch is far from GPT-2's pretrained optimum, so it
-        takes a much larger learning rate and a smaller KL coefficient (its sampling entropy is ~6
-        nats/token, so the few positive words it must learn to pick start out rare), and a half-size
-        batch split into more mini-batches gets the reward up within a few CPU minutes.  Chosen by
-        a sweep on the 2-core machine (40-80 steps each): lr 3e-4/beta 0.2 gained +0.5 in 60 steps,
-        lr 1e-3 collapsed (value loss 16, KL 28), beta 0.1 at batch 32 gained +1.5 in 80 steps.
-        """
-        profile = profile or current_profile()
-        values = {} if profile.is_full else dict(
-            min_review_chars=150,  # laptop snippets are <= 255 chars: > 200 keeps only 638 of them
-            steps=55, batch_size=64, mini_batch_size=16, learning_rate=5e-4, forward_batch_size=64,
-            max_grad_norm=1.0, init_kl_coef=0.05,
-        )
-        values.update(overrides)
-        config = cls(**values)
-        config.validate()
-        return config
+    gamma: float = field(default=1.0, metadata={"help": "discount; 1.0: none inside a 4-16 token episode  [TRL0]"})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda  [PPO][TRL0]"})
+    cliprange: float = field(default=0.2, metadata={"help": "policy ratio clip  [PPO]"})
+    cliprange_value: float = field(default=0.2, metadata={
+        "help": "value clip around the old values  [37 detail 9][TRL0]"})
+    vf_coef: float = field(default=0.1, metadata={
+        "help": "weight of the value loss: policy and critic share a trunk  [TRL0]"})
+    entropy_coef: float = field(default=0.0, metadata={"help": "optional entropy bonus; 0 as in TRL0  [37 detail 10]"})
+    init_kl_coef: float = field(default=0.2, metadata={"help": "beta of the per-token KL penalty  [Ziegler][TRL0]"})
+    adaptive_kl: bool = field(default=True, metadata={"help": "adapt beta towards kl_target  [Ziegler]"})
+    kl_target: float = field(default=6.0, metadata={"help": "target KL of the adaptive controller, nats per response  [TRL0]"})
+    kl_horizon: int = field(default=10000, metadata={"help": "horizon of the adaptive KL controller  [Ziegler]"})
+    whiten_advantages: bool = field(default=True, metadata={"help": "normalise advantages per batch  [37 detail 7]"})
+    scale_rewards: bool = field(default=False, metadata={
+        "help": "divide scores by their running std  [37 detail 5][TRL0 use_score_scaling]"})
+    seed: int = field(default=0, metadata={"help": "seed of the query order, the sampling and the value head"})
 
     def validate(self) -> None:
         if self.lr_schedule not in LR_SCHEDULES:
@@ -255,6 +264,26 @@ class Rollout:
     response_texts: list[str] = field(default_factory=list)
 
 
+class NonFiniteError(FloatingPointError):
+    """A reward, log-prob, value or loss that is NaN or infinite: PPO stops before it reaches the weights."""
+
+
+def check_finite(name: str, values: torch.Tensor, texts: list[str] | None = None, rows=None) -> None:
+    """Raise ``NonFiniteError`` naming the episodes (batch positions) whose ``values`` are not finite.
+
+    One NaN reward would otherwise flow into the whitened advantages of every episode and, through
+    one optimizer step, turn every parameter into NaN.  ``rows`` maps local positions to batch positions.
+    """
+    finite = torch.isfinite(values)
+    if finite.all():
+        return
+    bad = (~finite).reshape(len(values), -1).any(1).nonzero().flatten().tolist() if values.dim() else [0]
+    positions = [int(rows[i]) for i in bad] if rows is not None else bad
+    shown = "".join(f"\n  episode {p}: {texts[i]!r}" for p, i in list(zip(positions, bad))[:5]) if texts else ""
+    raise NonFiniteError(f"{name} is NaN or infinite for {len(bad)} episode(s) at batch positions {positions[:20]}"
+                         f"{shown}\nCheck the reward function on these texts (it must return finite scores).")
+
+
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log pi(token) from logits (B, T, V) and tokens (B, T)."""
     return torch.gather(logits.float().log_softmax(-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
@@ -329,9 +358,11 @@ def make_experience(policy: PolicyWithValueHead, reference: nn.Module, tokenizer
     query_ids, query_mask, response_ids, response_mask = generate_batch(policy.lm, queries, tokenizer, config, rng, device)
     query_texts = tokenizer.batch_decode(query_ids.masked_fill(query_mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
     response_texts = [tokenizer.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(response_ids, response_mask)]
-    raw_scores = torch.as_tensor(reward_fn([q + r for q, r in zip(query_texts, response_texts)]), dtype=torch.float).cpu()
+    texts = [q + r for q, r in zip(query_texts, response_texts)]
+    raw_scores = torch.as_tensor(reward_fn(texts), dtype=torch.float).cpu()
     if raw_scores.shape != (len(queries),):
         raise ValueError(f"reward_fn returned shape {tuple(raw_scores.shape)}; expected one score per text ({len(queries)})")
+    check_finite("the reward", raw_scores, texts)
     scores = raw_scores
     if score_moments is not None:  # [37 detail 5] reward scaling: divide by the running std, keep the mean
         score_moments.update(distributed.gather(raw_scores, accelerator))
@@ -345,11 +376,18 @@ def make_experience(policy: PolicyWithValueHead, reference: nn.Module, tokenizer
         ref_logprobs.append(logprobs_of(ref_logits, args[2]).cpu())
         values.append(value.float().cpu())
     logprobs, ref_logprobs, values = torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
+    for name, tensor in (("the policy's log-prob", logprobs), ("the reference's log-prob", ref_logprobs),
+                         ("the value", values)):
+        check_finite(name, torch.where(response_mask.bool(), tensor, 0.0), texts)  # padding may hold anything
     mask = response_mask.float()
     rewards, _ = per_token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
     advantages, returns = compute_gae(rewards, values, mask, config.gamma, config.lam)
     if config.whiten_advantages:  # [37 detail 7] after computing returns, so value targets keep their scale
         advantages = masked_whiten(advantages, mask, accelerator=accelerator)  # statistics over every process's tokens
+    largest = int(raw_scores.abs().argmax())  # a huge but finite reward overflows the whitening statistics
+    check_finite(f"the advantage (largest |reward| {raw_scores[largest].item():.3g}, at batch position {largest})",
+                 advantages, texts)
+    check_finite("the return", returns, texts)
     return Rollout(query_ids, query_mask, response_ids, response_mask, scores, raw_scores, logprobs * mask,
                    ref_logprobs * mask, values * mask, rewards, advantages, returns, query_texts, response_texts)
 
@@ -414,6 +452,10 @@ def ppo_update(policy: PolicyWithValueHead, optimizer, rollout: Rollout, config:
             optimizer.zero_grad(set_to_none=True)
             distributed.backward(loss, accelerator)  # loss.backward(), or accelerate's (DDP all-reduce, DeepSpeed)
             grad_norm = distributed.clip_grad_norm(policy, config.max_grad_norm, accelerator)
+            texts = [rollout.query_texts[i] + rollout.response_texts[i] for i in index] if rollout.response_texts else None
+            check_finite("the PPO loss", loss.detach().expand(len(index)), texts, index)  # before the weights move
+            if not distributed.is_deepspeed(accelerator):  # DeepSpeed clips inside its engine and reports no norm
+                check_finite("the gradient norm", torch.as_tensor(grad_norm).detach().expand(len(index)), texts, index)
             optimizer.step()
             for key, value in (("policy_loss", policy_loss), ("value_loss", value_loss), ("entropy", entropy),
                                ("clip_fraction", clip_fraction), ("value_clip_fraction", value_clip_fraction),
@@ -500,13 +542,21 @@ def train_ppo(config: PPOConfig, policy: PolicyWithValueHead, reference: nn.Modu
         for group in optimizer.param_groups:  # [37 detail 4] the schedule is a function of the step alone
             group["lr"] = learning_rate_at(config, step)
         started = time.time()
-        rollout = make_experience(model, reference, tokenizer, reward_fn, batch_queries, config,
-                                  kl_controller.value, rng, score_moments, device, accelerator)
+        try:
+            rollout = make_experience(model, reference, tokenizer, reward_fn, batch_queries, config,
+                                      kl_controller.value, rng, score_moments, device, accelerator)
+        except NonFiniteError as error:
+            raise NonFiniteError(f"PPO step {step}, make experience: {error}\nNothing was updated at this step; "
+                                 "the weights and any earlier checkpoint are as the last good step left them.") from None
         experience_seconds = time.time() - started
         metrics = {"step": step, **rollout_stats(distributed.gather_rollout(rollout, accelerator), kl_controller.value,
                                                  tokenizer.eos_token_id)}
         metrics["learning_rate"] = optimizer.param_groups[0]["lr"]
-        metrics.update(ppo_update(policy, optimizer, rollout, config, generator, device, accelerator))
+        try:
+            metrics.update(ppo_update(policy, optimizer, rollout, config, generator, device, accelerator))
+        except NonFiniteError as error:
+            raise NonFiniteError(f"PPO step {step}, update: {error}\nThe optimizer did not step on it; earlier "
+                                 "checkpoints are untouched (mini-batches before it in this step were applied).") from None
         kl_controller.update(metrics["kl"], config.batch_size)  # [Ziegler] adapt beta after each batch
         metrics["experience_seconds"] = experience_seconds
         metrics["step_seconds"] = time.time() - started

@@ -103,11 +103,15 @@ def response_mask_after_eos(response_ids: torch.Tensor, eos_id: int | None, budg
 def sample_next_token(logits: torch.Tensor, config: PPOConfig, generator: torch.Generator | None = None) -> torch.Tensor:
     """Sample one token per row from ``logits`` (B, V), with optional temperature / top-k / top-p.
 
-    The seed samples purely (top_k 0, top_p 1, temperature 1).  Sampling is by inverse CDF: one
+    The seed samples purely (top_k 0, top_p 1, temperature 1); temperature 0 means greedy decoding.  Sampling is by inverse CDF: one
     uniform number per row, located in the cumulative distribution.  That draws exactly from p and
     needs one random number per row instead of one per vocabulary entry, which makes it several times
     faster on a CPU than ``torch.multinomial`` over a 50,257-token vocabulary.
     """
+    if config.temperature < 0:
+        raise ValueError(f"temperature={config.temperature}: use 0 for greedy decoding or a positive value to sample.")
+    if config.temperature == 0:  # greedy: the most likely token (dividing by 0 would pick the last index)
+        return logits.float().argmax(-1)
     logits = logits.float() / config.temperature
     if config.top_k > 0:
         kth = torch.topk(logits, config.top_k, dim=-1).values[:, -1:]

@@ -36,10 +36,48 @@ from torch import nn
 
 from rlhf_course.rl import ppo
 from rlhf_course.rl.ppo import PPOConfig, PolicyWithValueHead, RewardFn
+from rlhf_course.core.config import ProfileConfig
 from rlhf_course.core.profiles import Profile
 from rlhf_course.rl import sampling
 
 # ============================================================================ 1. experiments
+
+
+# The laptop profile's values of the long beta=0 run (notebook 07's laptop step size, CPU-sized batches).
+LAPTOP_OVERRIDES = dict(
+    long_run_learning_rate=5e-4, long_run_steps=40, long_run_batch_size=32, long_run_mini_batch_size=8,
+    long_run_forward_batch_size=32,
+)
+
+
+@dataclass
+class TricksConfig(ProfileConfig):
+    """The numbers notebook 08's experiments set: the sweep values and the long beta=0 run.
+
+    Defaults are the reference values (the full profile's long run is the seed's PPO: lr 1.41e-5,
+    batches of 128); ``LAPTOP_OVERRIDES`` holds the laptop's (``rlhf_course.core.config``).  The
+    base run's ``PPOConfig`` is the notebook's own.  ``Experiment`` is not a config: it names one run
+    and the ``PPOConfig`` fields that run changes.
+    """
+
+    laptop_overrides = LAPTOP_OVERRIDES
+
+    kl_coefs: tuple[float, ...] = field(default=(0.0, 0.05, 0.5), metadata={
+        "help": "init_kl_coef of each run of the KL sweep (section 8.5; the base run's is 0.2)  [Ziegler][Gao]"})
+    gamma: float = field(default=0.5, metadata={
+        "help": "discount of the small-gamma remedy for a reward model on a larger scale (8.1)"})
+    reward_scale: float = field(default=5.0, metadata={
+        "help": "factor on the reward model's scores in the critic-loss runs (8.1)  [37 detail 5]"})
+    entropy_coef: float = field(default=0.01, metadata={"help": "entropy bonus of section 8.3  [37 detail 10]"})
+    long_run_learning_rate: float = field(default=1.41e-5, metadata={
+        "help": "learning rate of the long beta=0 run: notebook 07's (the seed's in the full profile)"})
+    long_run_steps: int = field(default=200, metadata={
+        "help": "PPO steps of the long beta=0 run: enough to find the strings the classifier likes best"})
+    long_run_batch_size: int = field(default=128, metadata={"help": "episodes per PPO step of the long beta=0 run"})
+    long_run_mini_batch_size: int = field(default=32, metadata={"help": "episodes per gradient step of the long beta=0 run"})
+    long_run_forward_batch_size: int = field(default=64, metadata={
+        "help": "chunk size of the no-grad forward passes of the long beta=0 run"})
+    long_run_ppo_epochs: int = field(default=4, metadata={"help": "passes over each batch of the long beta=0 run"})
 
 
 @dataclass(frozen=True)
@@ -66,9 +104,18 @@ class Experiment:
         return config
 
 
-def notebook_experiments(kl_coefs: Sequence[float] = (0.0, 0.05, 0.5), gamma: float = 0.5,
-                         reward_scale: float = 5.0) -> list[Experiment]:
-    """The runs of notebook 08, in the order of its sections (the base run is shared by all)."""
+def notebook_experiments(kl_coefs: Sequence[float] | None = None, gamma: float | None = None,
+                         reward_scale: float | None = None, config: TricksConfig | None = None) -> list[Experiment]:
+    """The runs of notebook 08, in the order of its sections (the base run is shared by all).
+
+    The numbers come from ``config`` (default: ``TricksConfig.for_profile()``); ``kl_coefs``,
+    ``gamma`` and ``reward_scale`` override its fields of the same names.
+    """
+    config = config or TricksConfig.for_profile()
+    kl_coefs = config.kl_coefs if kl_coefs is None else kl_coefs
+    gamma = config.gamma if gamma is None else gamma
+    reward_scale = config.reward_scale if reward_scale is None else reward_scale
+    entropy = config.entropy_coef
     runs = [
         Experiment("base", "base", "base (EOS stop, whitened advantages, value clip 0.2, grad clip 1.0, "
                    "constant LR, fixed KL coef)"),
@@ -81,7 +128,7 @@ def notebook_experiments(kl_coefs: Sequence[float] = (0.0, 0.05, 0.5), gamma: fl
         # 8.2 advantage normalisation  [37 detail 7]
         Experiment("no_adv_whitening", "advantage", "whiten_advantages=False", {"whiten_advantages": False}),
         # 8.3 entropy bonus  [37 detail 10]
-        Experiment("entropy_0.01", "entropy", "entropy_coef=0.01", {"entropy_coef": 0.01}),
+        Experiment(f"entropy_{entropy:g}", "entropy", f"entropy_coef={entropy:g}", {"entropy_coef": entropy}),
         # 8.4 min_length = max_length  [DSChat]
         Experiment("force_max_length", "length", "force_max_length=True (min_length = max_length)",
                    {"force_max_length": True}),
@@ -99,15 +146,20 @@ def notebook_experiments(kl_coefs: Sequence[float] = (0.0, 0.05, 0.5), gamma: fl
     return runs
 
 
-def long_run_without_kl(profile: Profile) -> Experiment:
-    """Notebook 08's closing run: no KL penalty at all, notebook 07's laptop step size, and enough
-    steps for the policy to find the strings the classifier likes best  [Ziegler][Gao]."""
+def long_run_without_kl(profile: Profile | str | None = None, config: TricksConfig | None = None) -> Experiment:
+    """Notebook 08's closing run: no KL penalty at all, notebook 07's step size, and enough steps
+    for the policy to find the strings the classifier likes best  [Ziegler][Gao].
+
+    Its sizes are ``config``'s ``long_run_*`` fields (default: ``TricksConfig.for_profile(profile)``).
+    """
+    config = config or TricksConfig.for_profile(profile)
     return Experiment(
-        "kl_0_long", "kl", "init_kl_coef=0, lr as notebook 07, 40 x 32 episodes",
-        {"init_kl_coef": 0.0, "adaptive_kl": False, "ppo_epochs": 4,
-         "learning_rate": profile.pick(5e-4, 1.41e-5), "steps": profile.pick(40, 200),
-         "batch_size": profile.pick(32, 128), "mini_batch_size": profile.pick(8, 32),
-         "forward_batch_size": profile.pick(32, 64)})
+        "kl_0_long", "kl",
+        f"init_kl_coef=0, lr as notebook 07, {config.long_run_steps} x {config.long_run_batch_size} episodes",
+        {"init_kl_coef": 0.0, "adaptive_kl": False, "ppo_epochs": config.long_run_ppo_epochs,
+         "learning_rate": config.long_run_learning_rate, "steps": config.long_run_steps,
+         "batch_size": config.long_run_batch_size, "mini_batch_size": config.long_run_mini_batch_size,
+         "forward_batch_size": config.long_run_forward_batch_size})
 
 
 # ============================================================================ 2. running one experiment
@@ -124,7 +176,7 @@ class ScaledReward:
 
 
 @dataclass
-class RunResult:
+class TrickRun:
     """What one experiment produced: its config, per-step history, and held-out samples after training."""
 
     experiment: Experiment
@@ -136,7 +188,7 @@ class RunResult:
 
 def run_experiment(experiment: Experiment, base: PPOConfig, start_lm: nn.Module, reference: nn.Module, tokenizer,
                    reward_fn: RewardFn, queries: list[list[int]], eval_queries: list[list[int]],
-                   device: torch.device | str = "cpu", progress: bool = False) -> RunResult:
+                   device: torch.device | str = "cpu", progress: bool = False) -> TrickRun:
     """Train a fresh copy of ``start_lm`` with the experiment's config; score held-out samples after.
 
     ``reference`` is shared between runs (it is frozen); the policy and its value head are new each
@@ -155,11 +207,11 @@ def run_experiment(experiment: Experiment, base: PPOConfig, start_lm: nn.Module,
         history["reward_std"] = history["reward_std"] / experiment.reward_scale
     samples = sampling.sample_and_score(policy.lm, tokenizer, reward_fn, eval_queries, config, seed=config.seed + 1,
                                    device=device)
-    return RunResult(experiment, config, history, samples, time.time() - started)
+    return TrickRun(experiment, config, history, samples, time.time() - started)
 
 
 def run_experiments(experiments: Sequence[Experiment], base: PPOConfig, start_lm, reference, tokenizer, reward_fn,
-                    queries, eval_queries, device="cpu", progress: bool = True) -> dict[str, RunResult]:
+                    queries, eval_queries, device="cpu", progress: bool = True) -> dict[str, TrickRun]:
     """Run every experiment (one progress bar over runs); results keyed by experiment name."""
     from tqdm.auto import tqdm
 
@@ -219,7 +271,7 @@ def final_mean(series: pd.Series, fraction: float = 0.25) -> float:
     return float(series.iloc[-tail:].mean())
 
 
-def summarise(result: RunResult) -> dict:
+def summarise(result: TrickRun) -> dict:
     """One results-table row for a run (``RESULT_COLUMNS``); 'final' = mean of the last quarter of steps."""
     history, samples = result.history, result.samples
     first = max(1, int(round(len(history) * 0.25)))
@@ -249,7 +301,7 @@ def summarise(result: RunResult) -> dict:
     }
 
 
-def results_table(results: dict[str, RunResult] | Sequence[RunResult]) -> pd.DataFrame:
+def results_table(results: dict[str, TrickRun] | Sequence[TrickRun]) -> pd.DataFrame:
     """All runs, one row each, indexed by experiment name, columns ``RESULT_COLUMNS``."""
     runs = list(results.values()) if isinstance(results, dict) else list(results)
     if not runs:
@@ -293,7 +345,7 @@ def read_results_csv(path: Path | str) -> pd.DataFrame:
 # ============================================================================ 5. plots
 
 
-def plot_curves(results: dict[str, RunResult], names: Sequence[str], metric: str, ax=None, title: str | None = None,
+def plot_curves(results: dict[str, TrickRun], names: Sequence[str], metric: str, ax=None, title: str | None = None,
                 labels: dict[str, str] | None = None, logy: bool = False):
     """``metric`` per PPO step for the named runs on one axis."""
     import matplotlib.pyplot as plt
@@ -315,7 +367,7 @@ def plot_curves(results: dict[str, RunResult], names: Sequence[str], metric: str
     return ax
 
 
-def plot_panels(results: dict[str, RunResult], names: Sequence[str], metrics: Sequence[tuple[str, str]],
+def plot_panels(results: dict[str, TrickRun], names: Sequence[str], metrics: Sequence[tuple[str, str]],
                 labels: dict[str, str] | None = None, logy: Sequence[str] = (), suptitle: str | None = None):
     """One row of panels, one per ``(metric, title)``, comparing the named runs."""
     import matplotlib.pyplot as plt
@@ -372,7 +424,7 @@ def compare_word(before: float, after: float, noise: float, higher: str = "highe
     return same
 
 
-def final_reward_standard_error(result: RunResult, fraction: float = 0.25) -> float:
+def final_reward_standard_error(result: TrickRun, fraction: float = 0.25) -> float:
     """Standard error of the 'final' mean reward: per-step reward std over sqrt(episodes averaged)."""
     history = result.history
     tail = max(1, int(round(len(history) * fraction)))
@@ -380,7 +432,7 @@ def final_reward_standard_error(result: RunResult, fraction: float = 0.25) -> fl
     return math.sqrt(variance / (tail * result.config.batch_size))
 
 
-def noise_yardstick(result: RunResult, other_seed: RunResult) -> float:
+def noise_yardstick(result: TrickRun, other_seed: TrickRun) -> float:
     """How far apart two final rewards must be before one short run can call them different.
 
     The larger of (a) the gap between two seeds of the same configuration and (b) two standard
