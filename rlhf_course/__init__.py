@@ -6,7 +6,8 @@ tests/test_layout.py checks the rule and that this list names every module):
 
 core/      the base every stage uses; imports only core
     core.profiles       the laptop / full switch, device choice, seeding, hub checks
-    core.assets         the asset registry with provenance, and the derived-asset cache (cached_build)
+    core.assets         the asset registry with provenance: every model, tokenizer and data set
+    core.cache          derived assets built once, atomically, with a manifest checked on use
     core.netguard       the guard that refuses every non-loopback connection
     core.text           padding side and the batched tokenise-forward-collect loop
     core.stats          masked mean / variance / whitening, running moments

@@ -15,19 +15,20 @@ the same numbers give the same update on 1 or N processes (``rlhf_course.core.di
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from rlhf_course.core import distributed
 from rlhf_course.core import netguard
+from rlhf_course.core.cli import parse_config
 from rlhf_course.rl import ppo
-from rlhf_course.core.profiles import Profile, seed_everything
+from rlhf_course.core.profiles import ENV_VAR, seed_everything
 from rlhf_course.rl import sampling
 
 REWARDS = ("sentiment", "length")
@@ -83,44 +84,35 @@ def load_policy(path: str | None, device):
     return ppo.PolicyWithValueHead(lm), ppo.frozen_reference(lm), tokenizer
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m rlhf_course.train_ppo", description=__doc__.split("\n")[0])
-    parser.add_argument("--profile", choices=("laptop", "full"), default=None,
-                        help="laptop (small SFT policy, packaged reviews, CPU) or full (gpt2-imdb, IMDB, GPU); "
-                             "default: $RLHF_PROFILE or laptop")
-    parser.add_argument("--output-dir", required=True, help="where policy/, history.json and checkpoints/ go")
-    parser.add_argument("--policy", default=None, help="a causal LM folder (default: the profile's SFT policy)")
-    parser.add_argument("--reward", choices=REWARDS, default="sentiment",
-                        help="sentiment: the profile's classifier (default); length: a free stand-in for tests")
-    parser.add_argument("--n-eval", type=int, default=64, help="queries held out of training (as notebook 07)")
-    parser.add_argument("--checkpoint-every", type=int, default=None, help="write checkpoints/step-N every N steps")
-    parser.add_argument("--resume-from", default=None,
-                        help="a checkpoints/step-N folder, or 'latest' for the newest one under --output-dir")
-    parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU exists")
-    for field in dataclasses.fields(ppo.PPOConfig):  # every PPOConfig setting, e.g. --batch-size 64
-        kind = {"int": int, "float": float, "str": str, "bool": None}.get(str(field.type).split(" ")[0], float)
-        flag = "--" + field.name.replace("_", "-")
-        if kind is None:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            parser.add_argument(flag, type=kind, default=None)
-    return parser.parse_args(argv)
+@dataclass
+class PPOScriptArgs:
+    """The script's own options; every ``PPOConfig`` field is a flag too, e.g. ``--batch-size 64``."""
+
+    output_dir: str = field(metadata={"help": "where policy/, history.json and checkpoints/ go"})
+    profile: str | None = field(default=None, metadata={
+        "help": "laptop (small SFT policy, packaged reviews, CPU) or full (gpt2-imdb, IMDB, GPU)"})
+    policy: str | None = field(default=None, metadata={"help": "a causal LM folder (default: the profile's SFT policy)"})
+    reward: str = field(default="sentiment", metadata={
+        "help": "sentiment: the profile's classifier; length: a free stand-in for tests", "choices": REWARDS})
+    n_eval: int = field(default=64, metadata={"help": "queries held out of training (as notebook 07)"})
+    checkpoint_every: int | None = field(default=None, metadata={"help": "write checkpoints/step-N every N steps"})
+    resume_from: str | None = field(default=None, metadata={
+        "help": "a checkpoints/step-N folder, or 'latest' for the newest one under --output-dir"})
+    cpu: bool = field(default=False, metadata={"help": "run on the CPU even when a GPU exists"})
 
 
-def config_from_args(args: argparse.Namespace) -> ppo.PPOConfig:
-    names = {field.name for field in dataclasses.fields(ppo.PPOConfig)}
-    overrides = {name: value for name, value in vars(args).items() if name in names and value is not None}
-    return ppo.PPOConfig.for_profile(Profile(args.profile), **overrides)
+def parse_ppo_args(argv: list[str] | None = None) -> tuple[PPOScriptArgs, ppo.PPOConfig]:
+    """``(script options, config)``: the profile's values, then the flags given (``rlhf_course.core.cli``)."""
+    return parse_config("python -m rlhf_course.train_ppo", __doc__.split("\n")[0], PPOScriptArgs, ppo.PPOConfig, argv)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Parse ``argv``, train with ``ppo.train_ppo`` on every process, save from the main process."""
     netguard.install_if_requested()  # RLHF_COURSE_NETWORK_GUARD=1: offline runs fail fast on any download
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args, config = parse_ppo_args(sys.argv[1:] if argv is None else argv)
     if args.profile:
-        os.environ["RLHF_PROFILE"] = args.profile  # the asset loaders read the profile from here
-    args.profile = args.profile or os.environ.get("RLHF_PROFILE", "laptop")
-    config = config_from_args(args)
+        os.environ[ENV_VAR] = args.profile  # the asset loaders read the profile from here
+    args.profile = args.profile or os.environ.get(ENV_VAR, "laptop")
     accelerator = distributed.make_accelerator(cpu=True if args.cpu else None)
     output_dir = Path(args.output_dir)
     resume_from = args.resume_from

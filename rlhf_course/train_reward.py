@@ -5,23 +5,23 @@
     accelerate launch --config_file configs/accelerate/multi_gpu_ddp.yaml -m rlhf_course.train_reward --profile full ...
         (several GPUs: docs/cluster.md; --checkpoint-every N, --resume-from <output-dir>/trainer/checkpoint-N)
 
-Notebooks 04 and 05 call the same ``run(config)`` (or ``cached_run``), so a notebook run and a
-script run are one code path.  ``main(argv)`` only parses arguments into a ``RewardTrainingConfig``.
+Notebooks 04 and 05 call the same ``train_and_evaluate(config, folder)`` (or ``cached_run``), so a
+notebook run and a script run are one code path.  ``main(argv)`` only parses arguments into a
+``RewardTrainingConfig`` (every field is a flag, ``rlhf_course.core.cli``) and a ``RewardScriptArgs``.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import sys
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhf_course.reward import data
 from rlhf_course.core import distributed
+from rlhf_course.core.cli import parse_config
 from rlhf_course.reward import evaluation as reward_eval
 from rlhf_course.core.profiles import Profile, seed_everything
 from rlhf_course.reward.training import (
@@ -43,8 +43,8 @@ TEST_SCORES = "test_scores.csv"
 
 
 @dataclass
-class RunResult:
-    """What a run left in ``folder``: the model, its training log and held-out figures."""
+class RewardRun:
+    """What a reward-model run left in ``folder``: the model, its training log and held-out figures."""
 
     folder: Path
     config: RewardTrainingConfig
@@ -52,7 +52,7 @@ class RunResult:
     log: list
 
     @classmethod
-    def from_folder(cls, folder) -> "RunResult":
+    def from_folder(cls, folder) -> "RewardRun":
         folder = Path(folder)
         card = read_model_card(folder)
         config = RewardTrainingConfig(**{**card["config"], "lora_targets": tuple(card["config"]["lora_targets"] or ()) or None})
@@ -69,8 +69,8 @@ class RunResult:
         return pd.read_csv(self.folder / TEST_SCORES)
 
 
-def run(config: RewardTrainingConfig, output_dir, verbose: bool = True, checkpoint_every: int | None = None,
-        resume_from=None) -> RunResult:
+def train_and_evaluate(config: RewardTrainingConfig, output_dir, verbose: bool = True,
+                       checkpoint_every: int | None = None, resume_from=None) -> RewardRun:
     """Load data and model, train with the chosen trainer, evaluate on the test pairs, save.
 
     Under ``accelerate launch`` the Trainer shards the batches (``batch_size`` is per process) and
@@ -127,68 +127,46 @@ def run(config: RewardTrainingConfig, output_dir, verbose: bool = True, checkpoi
         if verbose:
             print(reward_eval.deepspeed_log_line(scored))
     distributed.write_rank_report(output_dir, trainer.accelerator, steps=steps.steps)  # waits for the main process
-    return RunResult(output_dir, config, metrics, training_log(trainer))
+    return RewardRun(output_dir, config, metrics, training_log(trainer))
 
 
-def cached_run(config: RewardTrainingConfig, name: str | None = None) -> RunResult:
-    """``run`` once and keep the result in the course cache (``assets.cached_build``)."""
-    from rlhf_course.core import assets
+def cached_run(config: RewardTrainingConfig, name: str | None = None) -> RewardRun:
+    """``train_and_evaluate`` once and keep the result in the course cache (``cache.cached_build``)."""
+    from rlhf_course.core import cache
 
     name = name or f"reward-{config.language}-{config.trainer}-{config.base_model}-{config.profile}"
     digest = f"{zlib.crc32(json.dumps(config.to_dict(), sort_keys=True).encode()):08x}"
-    # version 2: built on assets.BUILD_THREADS threads (version 1 used the caller's thread count)
-    folder = assets.cached_build(name, lambda tmp: run(config, tmp), version=f"2-{digest}")
-    return RunResult.from_folder(folder)
+    # version 2: built on cache.BUILD_THREADS threads (version 1 used the caller's thread count)
+    folder = cache.cached_build(name, lambda tmp: train_and_evaluate(config, tmp), version=f"2-{digest}")
+    return RewardRun.from_folder(folder)
 
 
-def parse_args(argv: list[str]) -> tuple[RewardTrainingConfig, str | None]:
-    parser = argparse.ArgumentParser(prog="python -m rlhf_course.train_reward", description=__doc__.split("\n")[0])
-    parser.add_argument("--profile", choices=("laptop", "full"), default=None,
-                        help="laptop (SmolLM2, packaged data, CPU) or full (hub models and data, GPU)")
-    parser.add_argument("--output-dir", default=None, help="where to save; default: the course cache")
-    parser.add_argument("--checkpoint-every", type=int, default=None,
-                        help="save a resumable checkpoint every N steps (needs --output-dir)")
-    parser.add_argument("--resume-from", default=None,
-                        help="a <output-dir>/trainer/checkpoint-N folder, or 'latest' for the newest one")
-    for f in dataclasses.fields(RewardTrainingConfig):
-        if f.name in ("profile", "extra"):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.name == "lora_targets":
-            parser.add_argument(flag, nargs="+", default=None)
-        elif f.name in ("train_size", "test_size", "lora_last_layers"):
-            parser.add_argument(flag, type=lambda s: None if s.lower() == "none" else int(s), default=None,
-                                help="an integer, or 'none'")
-        elif f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            kind = {"int": int, "float": float, "str": str}.get(str(f.type), str)
-            parser.add_argument(flag, type=kind, default=None)
-    args = parser.parse_args(argv)
-    given = {k: v for k, v in vars(args).items()
-             if v is not None and k not in ("profile", "output_dir", "checkpoint_every", "resume_from")}
-    # Explicit "none" for optional sizes must survive the "not given" filter above.
-    for name in ("train_size", "test_size", "lora_last_layers"):
-        if f"--{name.replace('_', '-')}" in argv and getattr(args, name) is None:
-            given[name] = None
-    if "lora_targets" in given:
-        given["lora_targets"] = tuple(given["lora_targets"])
-    return RewardTrainingConfig.for_profile(args.profile, **given), args.output_dir
+@dataclass
+class RewardScriptArgs:
+    """The script's own options; every ``RewardTrainingConfig`` field is a flag too (``--profile`` is its ``profile``)."""
+
+    output_dir: str | None = field(default=None, metadata={"help": "where to save; default: the course cache"})
+    checkpoint_every: int | None = field(default=None, metadata={
+        "help": "save a resumable checkpoint every N steps (needs --output-dir)"})
+    resume_from: str | None = field(default=None, metadata={
+        "help": "a <output-dir>/trainer/checkpoint-N folder, or 'latest' for the newest one"})
 
 
-def main(argv: list[str] | None = None) -> RunResult:
+def parse_reward_args(argv: list[str] | None = None) -> tuple[RewardScriptArgs, RewardTrainingConfig]:
+    """``(script options, config)``: the profile's values, then the flags given (``rlhf_course.core.cli``)."""
+    return parse_config("python -m rlhf_course.train_reward", __doc__.split("\n")[0], RewardScriptArgs,
+                        RewardTrainingConfig, argv)
+
+
+def main(argv: list[str] | None = None) -> RewardRun:
     """Parse ``argv`` into a config and run it (into ``--output-dir``, or cached)."""
-    argv = sys.argv[1:] if argv is None else argv
-    config, output_dir = parse_args(argv)
-    scale_out = argparse.ArgumentParser(add_help=False)
-    scale_out.add_argument("--checkpoint-every", type=int, default=None)
-    scale_out.add_argument("--resume-from", default=None)
-    scale_out = scale_out.parse_known_args(argv)[0]
-    if not output_dir and (distributed.launched_distributed() or scale_out.checkpoint_every or scale_out.resume_from):
+    args, config = parse_reward_args(sys.argv[1:] if argv is None else argv)
+    if not args.output_dir and (distributed.launched_distributed() or args.checkpoint_every or args.resume_from):
         raise SystemExit("--output-dir is required with accelerate launch, --checkpoint-every or --resume-from "
                          "(the course cache is for single-process runs)")
-    result = (run(config, output_dir, checkpoint_every=scale_out.checkpoint_every, resume_from=scale_out.resume_from)
-              if output_dir else cached_run(config))
+    result = (train_and_evaluate(config, args.output_dir, checkpoint_every=args.checkpoint_every,
+                                 resume_from=args.resume_from)
+              if args.output_dir else cached_run(config))
     if result.metrics:  # empty on all but the main process under accelerate launch
         print(json.dumps({"folder": str(result.folder), **result.metrics}, indent=1))
     return result

@@ -272,7 +272,7 @@ def test_reward_training_two_processes_equal_one_process(tiny_base_model_folder,
     TIMINGS["reward, 1 process, in-process"] = time.perf_counter() - started
     launch_two_processes("rlhf_course.train_reward", reward_args(tiny_base_model_folder, tmp_path / "two", 2),
                          "reward, 2 processes")
-    one, two = (train_reward.RunResult.from_folder(tmp_path / name) for name in ("one", "two"))
+    one, two = (train_reward.RewardRun.from_folder(tmp_path / name) for name in ("one", "two"))
     steps = len(one.log)
     assert steps >= 2
     assert_both_ranks_took_part(distributed.read_rank_report(tmp_path / "two"), steps=steps)

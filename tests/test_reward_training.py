@@ -143,13 +143,13 @@ def test_lora_config_targets_and_4bit_skip_note(tokenizer, capsys):
 
 
 def test_script_arguments_become_the_config():
-    cfg, out = train_reward.parse_args(["--profile", "laptop", "--language", "zh", "--trainer", "pairwise",
-                                        "--learning-rate", "1e-4", "--lora-last-layers", "none",
-                                        "--lora-targets", "q_proj", "v_proj", "--no-load-in-4bit",
-                                        "--output-dir", "x"])
+    args, cfg = train_reward.parse_reward_args(["--profile", "laptop", "--language", "zh", "--trainer", "pairwise",
+                                                "--learning-rate", "1e-4", "--lora-last-layers", "none",
+                                                "--lora-targets", "q_proj", "v_proj", "--no-load-in-4bit",
+                                                "--output-dir", "x"])
     assert (cfg.language, cfg.trainer, cfg.learning_rate, cfg.lora_last_layers) == ("zh", "pairwise", 1e-4, None)
-    assert cfg.lora_targets == ("q_proj", "v_proj") and cfg.load_in_4bit is False and out == "x"
-    full, _ = train_reward.parse_args(["--profile", "full"])
+    assert cfg.lora_targets == ("q_proj", "v_proj") and cfg.load_in_4bit is False and args.output_dir == "x"
+    _, full = train_reward.parse_reward_args(["--profile", "full"])
     assert full.base_model == "qwen2-0.5b" and full.load_in_4bit and full.train_size is None
 
 
@@ -183,7 +183,7 @@ def test_script_run_end_to_end_on_a_tiny_model(tokenizer, tmp_path, trainer_name
                                 "--batch-size", "4", "--lora-last-layers", "1", "--output-dir", str(tmp_path / "run")])
     assert result.metrics["pairs"] == 8 and result.metrics["train_pairs"] == 16
     assert 0.0 <= result.metrics["accuracy"] <= 1.0 and len(result.log) >= 1
-    reread = train_reward.RunResult.from_folder(tmp_path / "run")
+    reread = train_reward.RewardRun.from_folder(tmp_path / "run")
     assert reread.config == result.config and reread.metrics == result.metrics
     scores = reread.test_scores()
     assert set(scores.language) == {"en", "zh"} and len(scores) == 8

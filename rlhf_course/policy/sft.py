@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from rlhf_course.core import assets
+from rlhf_course.core import cache
 from rlhf_course.core.config import ProfileConfig
 from rlhf_course.core.profiles import current_profile, require_hub
 
@@ -187,7 +188,7 @@ def sft_policy_path() -> Path:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(FULL_PROFILE_POLICY))
-    return assets.cached_build(SFT_ASSET, lambda folder: train_sft_policy(folder), version=SFT_VERSION)
+    return cache.cached_build(SFT_ASSET, lambda folder: train_sft_policy(folder), version=SFT_VERSION)
 
 
 def sft_metrics() -> dict | None:

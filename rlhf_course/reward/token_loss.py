@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from rlhf_course.core.text import padding_side
 
@@ -55,7 +56,8 @@ class TokenLossOutput:
 
 
 def _validate(chosen_values, rejected_values, chosen_ids, rejected_ids, chosen_mask, rejected_mask):
-    """Shapes must agree and masks must be right-padded (1...1 0...0) with at least one real token."""
+    """Shapes must agree, the batch must not be empty and masks must be right-padded (1...1 0...0) with at
+    least one real token.  Returns ``(chosen_lengths, rejected_lengths)``, the real tokens per row."""
     shape = chosen_values.shape
     named = {
         "chosen_values": chosen_values,
@@ -71,21 +73,41 @@ def _validate(chosen_values, rejected_values, chosen_ids, rejected_ids, chosen_m
                 f"{name} has shape {tuple(tensor.shape)}; every input must be (batch, seq_len) = {tuple(shape)}. "
                 "Pad chosen and rejected to the same length (DeepSpeed-Chat concatenates them in one batch)."
             )
-    for name in ("chosen_mask", "rejected_mask"):
-        mask = named[name].long()
-        lengths = mask.sum(dim=1)
-        if (lengths == 0).any():
-            row = int((lengths == 0).nonzero()[0])
-            raise ValueError(f"{name} row {row} has no real token; drop empty sequences before the loss.")
-        positions = torch.arange(mask.shape[1], device=mask.device)
-        right_padded = (positions[None, :] < lengths[:, None]).long()
-        if not torch.equal(mask, right_padded):
-            row = int((mask != right_padded).any(dim=1).nonzero()[0])
-            raise ValueError(
-                f"{name} row {row} is not right-padded (real tokens first, then padding): "
-                f"{mask[row].tolist()}. This loss finds lengths and the divergence index from the left, so "
-                "tokenize with tokenizer.padding_side = 'right'."
-            )
+    if shape[0] == 0:
+        raise ValueError(
+            f"got an empty batch: inputs of shape {tuple(shape)}. The loss is a mean over pairs; pass at least one pair."
+        )
+    return tuple(_mask_lengths(name, named[name]) for name in ("chosen_mask", "rejected_mask"))
+
+
+def _mask_lengths(name: str, mask: torch.Tensor) -> torch.Tensor:
+    """Real tokens per row of a mask that must be right-padded 0/1 with at least one real token.
+
+    Fast check, exact for any integer mask: values in {0, 1}, and the positions of the ones, weighted
+    by the strictly decreasing ``seq_len - t``, sum to the weight of the first ``length`` positions
+    (which only the first ``length`` positions reach).  A mask that fails it goes to the explicit check
+    below, which names the first bad row.
+    """
+    mask = mask.long()
+    seq_len = mask.shape[1]
+    positions = torch.arange(seq_len, device=mask.device)
+    weights = torch.stack([torch.ones_like(positions), seq_len - positions], dim=1).double()
+    lengths, weighted = (mask.double() @ weights).unbind(1)  # exact: integers far below 2**53
+    low, high = mask.aminmax()
+    first_positions = lengths * seq_len - lengths * (lengths - 1) / 2
+    if low >= 0 and high <= 1 and bool(lengths.all()) and torch.equal(weighted, first_positions):
+        return lengths.long()
+    lengths = mask.sum(dim=1)
+    if (lengths == 0).any():
+        row = int((lengths == 0).nonzero()[0])
+        raise ValueError(f"{name} row {row} has no real token; drop empty sequences before the loss.")
+    right_padded = (positions[None, :] < lengths[:, None]).long()
+    row = int((mask != right_padded).any(dim=1).nonzero()[0])
+    raise ValueError(
+        f"{name} row {row} is not right-padded (real tokens first, then padding): "
+        f"{mask[row].tolist()}. This loss finds lengths and the divergence index from the left, so "
+        "tokenize with tokenizer.padding_side = 'right'."
+    )
 
 
 def _real_ids(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -128,31 +150,77 @@ def divergence_windows(chosen_ids, rejected_ids, chosen_mask, rejected_mask):
     differs = _real_ids(chosen_ids, chosen_mask) != _real_ids(rejected_ids, rejected_mask)
     has_divergence = differs.any(dim=1)
     first_difference = differs.int().argmax(dim=1)  # argmax returns the first maximal position
+    return _window(has_divergence, first_difference, chosen_lengths, rejected_lengths, chosen_ids.shape[1])
+
+
+def _window(has_divergence, first_difference, chosen_lengths, rejected_lengths, seq_len: int):
     end = torch.where(has_divergence, torch.maximum(chosen_lengths, rejected_lengths), chosen_lengths)
     divergence = torch.where(has_divergence, first_difference, chosen_lengths - 1)
-    positions = torch.arange(chosen_ids.shape[1], device=chosen_ids.device)[None, :]
+    positions = torch.arange(seq_len, device=end.device)[None, :]
     window = (positions >= divergence[:, None]) & (positions < end[:, None])
     return divergence, end, window
+
+
+def _checked_windows(chosen_ids, rejected_ids, chosen_mask, rejected_mask, chosen_lengths, rejected_lengths):
+    """``divergence_windows`` for masks that ``_validate`` accepted, with fewer passes over the batch.
+
+    A right-padded pair agrees on its padding (both -1), so the first difference is either a differing id
+    before the shorter length, or the shorter length itself when the lengths differ.  That holds when no
+    real id is -1 (which ``_real_ids`` could not tell from padding); with negative ids, the general path.
+    """
+    if bool(chosen_ids.min() < 0) or bool(rejected_ids.min() < 0):
+        return divergence_windows(chosen_ids, rejected_ids, chosen_mask, rejected_mask)
+    has_difference, first_difference = (chosen_ids != rejected_ids).max(dim=1)  # index of the first True
+    shorter = torch.minimum(chosen_lengths, rejected_lengths)
+    in_both = has_difference & (first_difference < shorter)
+    has_divergence = in_both | (chosen_lengths != rejected_lengths)
+    first_difference = torch.where(in_both, first_difference, shorter)
+    return _window(has_divergence, first_difference, chosen_lengths, rejected_lengths, chosen_ids.shape[1])
+
+
+class _WindowSums(torch.autograd.Function):
+    """Per pair, the sum over its window of ``-log sigma(chosen - rejected)``, accumulated in ``accumulate``.
+
+    Forward values and gradients are bit for bit those of the autograd graph of
+    ``torch.where(window, -F.logsigmoid(torch.where(window, chosen - rejected, 0)), 0).sum(1, dtype=accumulate)``:
+    the difference is masked *before* the arithmetic, so whatever sits outside the window (NaN, inf in
+    padding) gets a zero gradient, as in the reference loop that slices the window out.  Written as a
+    Function only to skip the graph's intermediate masking passes in the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, chosen_values, rejected_values, window, accumulate):
+        difference = torch.where(window, chosen_values - rejected_values, 0)
+        log_sigma, buffer = torch.ops.aten.log_sigmoid_forward(difference)  # what F.logsigmoid computes
+        ctx.save_for_backward(difference, buffer, window)
+        return torch.where(window, -log_sigma, 0).sum(dim=1, dtype=accumulate)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_sums):
+        difference, buffer, window = ctx.saved_tensors
+        upstream = (-grad_sums.to(difference.dtype))[:, None].expand_as(difference)
+        grad = torch.where(window, torch.ops.aten.log_sigmoid_backward(upstream, difference, buffer), 0)
+        return grad, -grad, None, None
 
 
 def token_level_pairwise_loss(
     chosen_values, rejected_values, chosen_ids, rejected_ids, chosen_mask, rejected_mask
 ) -> TokenLossOutput:
-    """Vectorised token-level pairwise loss: same inputs and results as the reference loop."""
-    _validate(chosen_values, rejected_values, chosen_ids, rejected_ids, chosen_mask, rejected_mask)
-    _, _, window = divergence_windows(chosen_ids, rejected_ids, chosen_mask, rejected_mask)
-    per_token = -F.logsigmoid(chosen_values - rejected_values)
-    per_token = torch.where(window, per_token, torch.zeros_like(per_token))
+    """Vectorised token-level pairwise loss: same inputs, results and gradients as the reference loop."""
+    chosen_lengths, rejected_lengths = _validate(
+        chosen_values, rejected_values, chosen_ids, rejected_ids, chosen_mask, rejected_mask
+    )
+    divergence, end, window = _checked_windows(
+        chosen_ids, rejected_ids, chosen_mask, rejected_mask, chosen_lengths, rejected_lengths
+    )
     # Accumulate in at least fp32: an fp16 sum of many large terms overflows where a mean would not.
-    accumulate = torch.promote_types(per_token.dtype, torch.float32)
-    per_pair = per_token.sum(dim=1, dtype=accumulate) / window.sum(dim=1).to(accumulate)
-    batch = torch.arange(chosen_values.shape[0], device=chosen_values.device)
-    chosen_last = chosen_mask.long().sum(dim=1) - 1
-    rejected_last = rejected_mask.long().sum(dim=1) - 1
+    accumulate = torch.promote_types(torch.promote_types(chosen_values.dtype, rejected_values.dtype), torch.float32)
+    per_pair = _WindowSums.apply(chosen_values, rejected_values, window, accumulate) / (end - divergence).to(accumulate)
     return TokenLossOutput(
         loss=per_pair.mean().to(chosen_values.dtype),
-        chosen_scores=chosen_values[batch, chosen_last],
-        rejected_scores=rejected_values[batch, rejected_last],
+        chosen_scores=chosen_values.gather(1, (chosen_lengths - 1)[:, None]).squeeze(1),
+        rejected_scores=rejected_values.gather(1, (rejected_lengths - 1)[:, None]).squeeze(1),
     )
 
 
