@@ -36,6 +36,7 @@ course/    on top: runs the course; may import anything
     course.plots        shared figures: the RLHF stages, LivePlot
     course.memory       the GPU-memory table of docs/cluster.md
     course.badges       the Colab badges of the notebooks and README, rendered from REPO
+    course.figures      expect(): every figure a notebook states, checked against its range and recorded
 scripts, on top:
     bench               python -m rlhf_course.bench NAME: runs a benchmark or the whole course
     train_reward        python -m rlhf_course.train_reward: the reward-model script

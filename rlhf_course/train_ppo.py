@@ -26,9 +26,10 @@ import torch
 
 from rlhf_course.core import distributed
 from rlhf_course.core import netguard
-from rlhf_course.core.cli import parse_config
+from rlhf_course.core.cli import parse_config, require_writable_folder
+from rlhf_course.core.config import FLAG, POSITIVE_INT, Check, check_fields, one_of
 from rlhf_course.rl import ppo
-from rlhf_course.core.profiles import ENV_VAR, seed_everything
+from rlhf_course.core.profiles import ENV_VAR, PROFILES, get_device, seed_everything
 from rlhf_course.rl import sampling
 
 REWARDS = ("sentiment", "length")
@@ -100,16 +101,43 @@ class PPOScriptArgs:
         "help": "a checkpoints/step-N folder, or 'latest' for the newest one under --output-dir"})
     cpu: bool = field(default=False, metadata={"help": "run on the CPU even when a GPU exists"})
 
+    field_checks = {
+        "output_dir": Check(lambda v: isinstance(v, str) and bool(v.strip()), "a folder name"),
+        "profile": one_of(PROFILES).or_none(f"${ENV_VAR}, else laptop"), "reward": one_of(REWARDS),
+        "policy": Check(lambda v: Path(v).is_dir(), "a folder written by save_pretrained (model and tokenizer)"
+                        ).or_none("the profile's SFT policy"),
+        "n_eval": POSITIVE_INT, "checkpoint_every": POSITIVE_INT.or_none("no checkpoints"),
+        "resume_from": Check(lambda v: v in (None, "latest") or Path(v).is_dir(),
+                             "an existing checkpoints/step-N folder, latest, or none"),
+        "cpu": FLAG,
+    }
 
-def parse_ppo_args(argv: list[str] | None = None) -> tuple[PPOScriptArgs, ppo.PPOConfig]:
-    """``(script options, config)``: the profile's values, then the flags given (``rlhf_course.core.cli``)."""
-    return parse_config("python -m rlhf_course.train_ppo", __doc__.split("\n")[0], PPOScriptArgs, ppo.PPOConfig, argv)
+    def validate(self) -> None:
+        check_fields(self)
+
+
+def check_ppo_setup(args: PPOScriptArgs, config: ppo.PPOConfig) -> None:
+    """What the machine must offer before anything loads: the device (``RLHF_DEVICE``), a writable
+    ``--output-dir`` (else every step would train and the policy be lost at the end), the checkpoint."""
+    if not args.cpu:
+        get_device()  # an unknown or absent RLHF_DEVICE fails here, naming what this machine has
+    require_writable_folder(args.output_dir)
+    if args.resume_from == "latest" and distributed.latest_checkpoint(Path(args.output_dir, "checkpoints")) is None:
+        raise ValueError(f"--resume-from latest: no complete checkpoint under {Path(args.output_dir, 'checkpoints')}")
+
+
+def parse_ppo_args(argv: list[str] | None = None, checks=None) -> tuple[PPOScriptArgs, ppo.PPOConfig]:
+    """``(script options, config)``: the profile's values, then the flags given (``rlhf_course.core.cli``);
+    ``checks(args, config)`` (``main``'s: ``check_ppo_setup``) checks the machine too."""
+    return parse_config("python -m rlhf_course.train_ppo", __doc__.split("\n")[0], PPOScriptArgs, ppo.PPOConfig, argv,
+                        checks=checks)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    """Parse ``argv``, train with ``ppo.train_ppo`` on every process, save from the main process."""
+    """Parse and check ``argv`` (a usage error, exit 2, before anything loads), train with
+    ``ppo.train_ppo`` on every process, save from the main process."""
     netguard.install_if_requested()  # RLHF_COURSE_NETWORK_GUARD=1: offline runs fail fast on any download
-    args, config = parse_ppo_args(sys.argv[1:] if argv is None else argv)
+    args, config = parse_ppo_args(sys.argv[1:] if argv is None else argv, checks=check_ppo_setup)
     if args.profile:
         os.environ[ENV_VAR] = args.profile  # the asset loaders read the profile from here
     args.profile = args.profile or os.environ.get(ENV_VAR, "laptop")

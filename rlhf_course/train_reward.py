@@ -21,7 +21,8 @@ from pathlib import Path
 
 from rlhf_course.reward import data
 from rlhf_course.core import distributed
-from rlhf_course.core.cli import parse_config
+from rlhf_course.core.cli import parse_config, require_writable_folder
+from rlhf_course.core.config import POSITIVE_INT, Check, check_fields
 from rlhf_course.reward import evaluation as reward_eval
 from rlhf_course.core.profiles import Profile, seed_everything
 from rlhf_course.reward.training import (
@@ -77,6 +78,7 @@ def train_and_evaluate(config: RewardTrainingConfig, output_dir, verbose: bool =
     averages the logged loss; only the main process evaluates and saves.  ``checkpoint_every`` N
     steps writes ``output_dir/trainer/checkpoint-N``; ``resume_from`` one of them (or "latest") continues.
     """
+    config.validate()  # before anything loads
     seed_everything(config.seed)
     output_dir = Path(output_dir)
     profile = Profile(config.profile)
@@ -136,7 +138,6 @@ def cached_run(config: RewardTrainingConfig, name: str | None = None) -> RewardR
 
     name = name or f"reward-{config.language}-{config.trainer}-{config.base_model}-{config.profile}"
     digest = f"{zlib.crc32(json.dumps(config.to_dict(), sort_keys=True).encode()):08x}"
-    # version 2: built on cache.BUILD_THREADS threads (version 1 used the caller's thread count)
     folder = cache.cached_build(name, lambda tmp: train_and_evaluate(config, tmp), version=f"2-{digest}")
     return RewardRun.from_folder(folder)
 
@@ -151,19 +152,48 @@ class RewardScriptArgs:
     resume_from: str | None = field(default=None, metadata={
         "help": "a <output-dir>/trainer/checkpoint-N folder, or 'latest' for the newest one"})
 
+    field_checks = {
+        "output_dir": Check(lambda v: v is None or (isinstance(v, str) and bool(v.strip())), "a folder name, or none"),
+        "checkpoint_every": POSITIVE_INT.or_none("no checkpoints"),
+        "resume_from": Check(lambda v: v in (None, "latest") or Path(v).is_dir(),
+                             "an existing <output-dir>/trainer/checkpoint-N folder, latest, or none"),
+    }
 
-def parse_reward_args(argv: list[str] | None = None) -> tuple[RewardScriptArgs, RewardTrainingConfig]:
-    """``(script options, config)``: the profile's values, then the flags given (``rlhf_course.core.cli``)."""
+    def validate(self) -> None:
+        check_fields(self)
+
+
+def check_reward_setup(args: RewardScriptArgs, config: RewardTrainingConfig) -> None:
+    """What the machine must offer before anything loads: a folder to save into, the checkpoint to resume."""
+    if not args.output_dir and (distributed.launched_distributed() or args.checkpoint_every or args.resume_from):
+        raise ValueError("--output-dir is required with accelerate launch, --checkpoint-every or --resume-from "
+                         "(the course cache is for single-process runs)")
+    if args.output_dir:
+        require_writable_folder(args.output_dir)
+    else:
+        from rlhf_course.core import cache
+
+        try:
+            folder = cache.cache_dir()
+        except OSError as error:
+            raise OSError(f"the course cache cannot be created ({error}); set ${cache.CACHE_ENV} to a folder "
+                          "you can write to, or pass --output-dir") from None
+        require_writable_folder(folder, f"the course cache (${cache.CACHE_ENV})")
+    if args.resume_from == "latest" and not list(Path(args.output_dir, "trainer").glob("checkpoint-*")):
+        raise ValueError(f"--resume-from latest: no checkpoint-N folder under {Path(args.output_dir, 'trainer')}")
+
+
+def parse_reward_args(argv: list[str] | None = None, checks=None) -> tuple[RewardScriptArgs, RewardTrainingConfig]:
+    """``(script options, config)``: the profile's values, then the flags given (``rlhf_course.core.cli``);
+    ``checks(args, config)`` (``main``'s: ``check_reward_setup``) checks the machine too."""
     return parse_config("python -m rlhf_course.train_reward", __doc__.split("\n")[0], RewardScriptArgs,
-                        RewardTrainingConfig, argv)
+                        RewardTrainingConfig, argv, checks=checks)
 
 
 def main(argv: list[str] | None = None) -> RewardRun:
-    """Parse ``argv`` into a config and run it (into ``--output-dir``, or cached)."""
-    args, config = parse_reward_args(sys.argv[1:] if argv is None else argv)
-    if not args.output_dir and (distributed.launched_distributed() or args.checkpoint_every or args.resume_from):
-        raise SystemExit("--output-dir is required with accelerate launch, --checkpoint-every or --resume-from "
-                         "(the course cache is for single-process runs)")
+    """Parse and check ``argv`` (a usage error, exit 2, before anything loads), then run the config
+    (into ``--output-dir``, or cached)."""
+    args, config = parse_reward_args(sys.argv[1:] if argv is None else argv, checks=check_reward_setup)
     result = (train_and_evaluate(config, args.output_dir, checkpoint_every=args.checkpoint_every,
                                  resume_from=args.resume_from)
               if args.output_dir else cached_run(config))

@@ -1,7 +1,7 @@
 """The course cache: derived assets built once, atomically, and checked every time they are used.
 
 ``cached_build(name, build, version)`` returns ``<cache>/<name>-v<version>``, building it first if it
-is missing: ``build(folder)`` writes into a temporary folder on ``BUILD_THREADS`` torch threads, a
+is missing: ``build(folder)`` writes into a temporary folder, a
 manifest of every file's size and sha256 is written beside the completion marker, and the folder is
 renamed into place, so an interrupted build never leaves a half-written asset behind.  A cached
 asset is checked on every use (sizes and file times; every sha256 with ``RLHF_COURSE_VERIFY_ASSETS=1``
@@ -31,12 +31,6 @@ COMPLETE_MARKER = ".rlhf_course_complete"
 MANIFEST = ".rlhf_course_manifest.json"  # size and sha256 of every file of a built asset
 VERIFY_ENV = "RLHF_COURSE_VERIFY_ASSETS"  # 1: check every sha256 whenever a cached asset is used
 STALE_TEMP_SECONDS = 6 * 3600  # age after which another machine's (or an older release's) temp folder is removed
-# Derived assets are trained on one CPU thread, whatever the caller uses: torch splits its sums
-# by thread count, so two threads and one give different last bits, which training grows into a
-# different model.  One thread builds the same asset whatever the core count and whichever notebook
-# builds it first (notebook 09 runs single-threaded, notebooks 06-08 do not), at the cost of a slower
-# first build.  (A CPU with other vector instructions can still differ in the last bits.)
-BUILD_THREADS = 1
 # Whether ``assets.rebuild(name)`` can rebuild an asset: core.assets points it at its registry at import.
 REBUILDABLE: Callable[[str], bool] = lambda name: False  # noqa: E731
 
@@ -58,26 +52,13 @@ def cache_dir() -> Path:
     return path
 
 
-@contextlib.contextmanager
-def torch_threads(count: int):
-    """Run the block with ``torch.set_num_threads(count)``; the caller's count is restored after."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def cached_build(name: str, build: Callable[[Path], None], version: str = "1", *,
                  verify: bool | None = None) -> Path:
     """Return the cache folder for ``name``, building it first if it is absent.
 
     The folder is ``<cache>/<name>-v<version>``.  ``build(folder)`` writes into a fresh temporary
-    folder (``.tmp-<name>-v<version>-h<host>-p<pid>-<random>``), on ``BUILD_THREADS`` torch
-    threads so that every machine builds the same bits; only when it returns are the checksum list
+    folder (``.tmp-<name>-v<version>-h<host>-p<pid>-<random>``) on the caller's torch threads;
+    only when it returns are the checksum list
     (``MANIFEST``: size and sha256 of every file) and the completion marker written and the folder
     renamed into place (an atomic rename on one file system).
 
@@ -107,8 +88,7 @@ def cached_build(name: str, build: Callable[[Path], None], version: str = "1", *
         _move_aside(final, name)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(name, version), dir=final.parent))
     try:
-        with torch_threads(BUILD_THREADS):
-            build(tmp)
+        build(tmp)  # on the caller's torch threads: every core (figures are checked by range, not bits)
         _write_manifest(tmp, name, version)
         (tmp / COMPLETE_MARKER).write_text(time.strftime("%Y-%m-%d %H:%M:%S"))
         try:

@@ -12,6 +12,11 @@ value; a flag left out keeps the profile's value, not the dataclass default.  Co
 argparse default (``argparse.SUPPRESS``), which is how the two cases are told apart; ``--help``
 shows each one's laptop and full values instead.  ``none`` sets an optional field to None,
 ``--no-<flag>`` a boolean to False, and a tuple field takes several values.
+
+Everything is checked before any model or data loads, and every problem is a usage error (exit 2)
+with one line that says what is wrong: the config (``validate()``, ``rlhf_course.core.config``), the
+script's own options (its ``validate()``), then the script's ``checks(script, config)`` on the
+machine itself, such as ``require_writable_folder`` and the device (``RLHF_DEVICE``).
 """
 
 from __future__ import annotations
@@ -19,10 +24,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import types
 import typing
+from pathlib import Path
+from typing import Callable
 
-from rlhf_course.core.profiles import ENV_VAR, PROFILES
+from rlhf_course.core.profiles import ENV_VAR, PROFILES, ProfileError
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -101,11 +109,30 @@ def build_parser(prog: str, description: str, script_class, config_class):
     return parser
 
 
-def parse_config(prog: str, description: str, script_class, config_class, argv: list[str] | None = None):
+def require_writable_folder(folder, what: str = "--output-dir") -> Path:
+    """Create ``folder`` and write and delete a probe file in it, so that a run whose results could
+    not be saved fails before it trains, not after; ``OSError`` with one line naming ``what``."""
+    folder = Path(folder)
+    probe = folder / f".rlhf_course_write_probe-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise OSError(f"{what} {folder} is not a folder this run can write to ({error.strerror or error}); "
+                      f"pick one you can write to, or fix its permissions") from None
+    return folder
+
+
+def parse_config(prog: str, description: str, script_class, config_class, argv: list[str] | None = None,
+                 checks: Callable[[object, object], None] | None = None):
     """``(script_class instance, config_class.for_profile(profile, **flags given))`` from ``argv``.
 
     The profile is the ``profile`` option of either dataclass (None: ``$RLHF_PROFILE``, else laptop).
-    An invalid config (unknown profile, settings that do not fit together) exits with a usage error.
+    An invalid config (unknown profile, a value out of range, settings that do not fit together) or
+    script option (``script.validate()``) exits with a usage error (exit 2).  ``checks(script,
+    config)`` then checks the machine (output folder, device): a ``ValueError``, ``OSError`` or
+    ``ProfileError`` it raises exits with code 2 and its one line.  Nothing has loaded yet.
     """
     parser = build_parser(prog, description, script_class, config_class)
     values = vars(parser.parse_args(argv))
@@ -118,6 +145,13 @@ def parse_config(prog: str, description: str, script_class, config_class, argv: 
     profile = given.pop("profile", getattr(script, "profile", None))
     try:
         config = config_class.for_profile(profile, **given)
-    except ValueError as error:
+        if hasattr(script, "validate"):
+            script.validate()
+    except (ValueError, ProfileError) as error:  # ProfileError: an unknown $RLHF_PROFILE
         parser.error(str(error))
+    if checks is not None:
+        try:
+            checks(script, config)
+        except (ValueError, OSError, ProfileError) as error:
+            parser.exit(2, f"{parser.prog}: error: {error}\n")
     return script, config

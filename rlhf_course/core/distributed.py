@@ -42,6 +42,8 @@ from pathlib import Path
 
 import torch
 
+from rlhf_course.core.profiles import get_device
+
 LOOP_STATE = "loop_state.pt"  # PPO counters, controllers and RNGs (written by the main process)
 PLAIN_STATE = "training_state.pt"  # model + optimizer + torch RNG when no accelerator is used
 RANKS_FILE = "ranks.json"  # what each process did: written by the main process after a run
@@ -56,15 +58,21 @@ def launched_distributed() -> bool:
 
 
 def make_accelerator(cpu: bool | None = None, **kwargs):
-    """An ``Accelerator`` for a script; on a machine without CUDA it runs on the CPU (gloo).
+    """An ``Accelerator`` for a script, on the device ``profiles.get_device()`` picks (cuda, then mps,
+    then cpu, or ``RLHF_DEVICE``; an unknown or absent device raises ``ProfileError``); without a GPU
+    it runs on the CPU (gloo).
 
     ``accelerate launch`` passes its settings (processes, DeepSpeed, mixed precision) through the
-    environment, so a plain ``Accelerator()`` picks them up; ``cpu=True`` forces the CPU.
+    environment, so a plain ``Accelerator()`` picks them up; ``cpu=True`` forces the CPU.  A GPU
+    index (``RLHF_DEVICE=cuda:1``) applies to a single process; launched processes take one GPU each.
     """
     from accelerate import Accelerator
 
     if cpu is None:
-        cpu = not torch.cuda.is_available() or os.environ.get("RLHF_DEVICE", "") == "cpu"
+        device = get_device()
+        cpu = device.type == "cpu"
+        if device.type == "cuda" and device.index is not None and not launched_distributed():
+            torch.cuda.set_device(device.index)
     return Accelerator(cpu=cpu, **kwargs)
 
 

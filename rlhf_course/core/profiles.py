@@ -19,7 +19,9 @@ import torch
 
 PROFILES = ("laptop", "full")
 ENV_VAR = "RLHF_PROFILE"
+DEVICE_VAR = "RLHF_DEVICE"
 HUB_HOST = "huggingface.co"
+TRUE_VALUES = ("1", "ON", "YES", "TRUE")  # huggingface_hub's ENV_VARS_TRUE_VALUES, compared upper-cased
 
 
 class ProfileError(RuntimeError):
@@ -57,9 +59,16 @@ def current_profile() -> Profile:
     return Profile(name)
 
 
+def hub_offline() -> bool:
+    """True when offline mode is forced, read as huggingface_hub reads it: ``HF_HUB_OFFLINE`` (else
+    ``TRANSFORMERS_OFFLINE``) is 1, true, yes or on, in any case; 0, false, no, off or unset is online."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
+    return value is not None and value.upper() in TRUE_VALUES
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """True when the Hugging Face hub answers and offline mode is not forced."""
-    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+    if hub_offline():
         return False
     try:
         with socket.create_connection((HUB_HOST, 443), timeout=timeout):
@@ -82,11 +91,30 @@ def require_hub(what: str) -> None:
         )
 
 
+def available_devices() -> list[str]:
+    """The device names this machine can run on: cpu, then cuda and cuda:N, then mps, where present."""
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += ["cuda"] + [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
 def get_device(prefer: str | None = None) -> torch.device:
-    """cuda, then mps, then cpu; ``RLHF_DEVICE`` or ``prefer`` overrides the choice."""
-    choice = prefer or os.environ.get("RLHF_DEVICE")
-    if choice:
-        return torch.device(choice)
+    """cuda, then mps, then cpu; ``prefer`` or ``RLHF_DEVICE`` overrides the choice.
+
+    A device this machine does not have, or a name that is no device, raises ``ProfileError`` at
+    once, naming the setting and the devices available (instead of a torch assertion much later).
+    """
+    source, choice = ("prefer", prefer) if prefer else (DEVICE_VAR, os.environ.get(DEVICE_VAR, ""))
+    if choice.strip():
+        available = available_devices()
+        if choice.strip().lower() not in available:
+            raise ProfileError(f"{source}={choice!r} is not a device of this machine; available: "
+                               f"{', '.join(available)}. Set {DEVICE_VAR} to one of them, or unset it to pick "
+                               "cuda, then mps, then cpu automatically.")
+        return torch.device(choice.strip().lower())
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

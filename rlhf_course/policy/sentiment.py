@@ -27,7 +27,7 @@ import torch
 
 from rlhf_course.core import assets
 from rlhf_course.core import cache
-from rlhf_course.core.config import ProfileConfig
+from rlhf_course.core.config import POSITIVE, POSITIVE_INT, SEED, ProfileConfig, integer
 from rlhf_course.core.profiles import current_profile, require_hub
 from rlhf_course.core.text import batched_forward
 from rlhf_course.policy.sft import clipped_optimizer_step
@@ -53,6 +53,11 @@ class ClassifierConfig(ProfileConfig):
     """
 
     laptop_overrides = LAPTOP_OVERRIDES
+    field_checks = {
+        # [CLS] + [SEP] take 2 tokens; MiniLM-L6 has 512 positions
+        "max_length": integer(3, 512), "batch_size steps held_out": POSITIVE_INT, "seed": SEED,
+        "learning_rate head_learning_rate": POSITIVE, "warmup_steps": POSITIVE_INT,  # the schedule divides by it
+    }
 
     max_length: int = field(default=48, metadata={
         "help": "tokens per snippet: Rotten Tomatoes snippets are at most 255 characters (~45 tokens)"})
@@ -66,6 +71,12 @@ class ClassifierConfig(ProfileConfig):
     warmup_steps: int = field(default=24, metadata={"help": "linear warm-up steps"})
     held_out: int = field(default=1000, metadata={"help": "snippets kept aside to report held-out accuracy"})
     seed: int = field(default=0, metadata={"help": "seed of the split, the head's initialisation and the batches"})
+
+    def validate(self) -> None:
+        super().validate()  # one rule per field (field_checks), then the relation between them
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"ClassifierConfig: warmup_steps={self.warmup_steps} is more than steps={self.steps}; "
+                             f"use at most {self.steps} (the default is 24 of 240)")
 
 
 def labelled_snippets(seed: int = 0, held_out: int = 1000):
@@ -89,6 +100,7 @@ def train_sentiment_classifier(folder: Path, config: ClassifierConfig | None = N
     from transformers import AutoModelForSequenceClassification
 
     config = config or ClassifierConfig()
+    config.validate()
     torch.manual_seed(config.seed)
     tokenizer = assets.minilm_tokenizer()
     model = AutoModelForSequenceClassification.from_pretrained(

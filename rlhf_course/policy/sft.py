@@ -26,7 +26,7 @@ import torch
 
 from rlhf_course.core import assets
 from rlhf_course.core import cache
-from rlhf_course.core.config import ProfileConfig
+from rlhf_course.core.config import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, SEED, ProfileConfig, integer
 from rlhf_course.core.profiles import current_profile, require_hub
 
 FULL_PROFILE_POLICY = "lvwerra/gpt2-imdb"
@@ -49,6 +49,11 @@ class SFTConfig(ProfileConfig):
     """
 
     laptop_overrides = LAPTOP_OVERRIDES
+    field_checks = {
+        "n_layer n_embd n_head batch_size steps held_out": POSITIVE_INT, "seed": SEED,
+        "block_size": integer(2, note="a next-token loss needs 2 tokens"), "learning_rate": POSITIVE,
+        "warmup_steps": NON_NEGATIVE_INT, "weight_decay": NON_NEGATIVE,
+    }
 
     n_layer: int = field(default=4, metadata={"help": "transformer blocks"})
     n_embd: int = field(default=128, metadata={
@@ -65,6 +70,15 @@ class SFTConfig(ProfileConfig):
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     held_out: int = field(default=500, metadata={"help": "snippets kept aside to report held-out loss / perplexity"})
     seed: int = field(default=0, metadata={"help": "seed of the snippet order, the initialisation and the batches"})
+
+    def validate(self) -> None:
+        super().validate()  # one rule per field (field_checks), then the relations between them
+        if self.n_embd % self.n_head:
+            raise ValueError(f"SFTConfig: n_embd={self.n_embd} must be a multiple of n_head={self.n_head} (each head "
+                             "gets n_embd / n_head dimensions); e.g. n_embd=128, n_head=4")
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"SFTConfig: warmup_steps={self.warmup_steps} is more than steps={self.steps}; "
+                             f"use at most {self.steps} (the default is 20 of 200)")
 
 
 def review_snippets() -> list[str]:
@@ -130,6 +144,7 @@ def train_sft_policy(folder: Path, config: SFTConfig | None = None, progress: bo
     from transformers import GPT2LMHeadModel
 
     config = config or SFTConfig()
+    config.validate()
     torch.manual_seed(config.seed)
     tokenizer = assets.gpt2_tokenizer()
     texts = review_snippets()

@@ -28,12 +28,12 @@ Rotten Tomatoes snippets for notebook 03.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from rlhf_course.core.text import padding_side
 
@@ -56,8 +56,8 @@ class TokenLossOutput:
 
 
 def _validate(chosen_values, rejected_values, chosen_ids, rejected_ids, chosen_mask, rejected_mask):
-    """Shapes must agree, the batch must not be empty and masks must be right-padded (1...1 0...0) with at
-    least one real token.  Returns ``(chosen_lengths, rejected_lengths)``, the real tokens per row."""
+    """Shapes must agree, the batch must not be empty, and masks must be right-padded (1...1 0...0) with at
+    least one real token.  Returns ``(chosen_lengths, rejected_lengths)``: real tokens per row (int64)."""
     shape = chosen_values.shape
     named = {
         "chosen_values": chosen_values,
@@ -75,32 +75,35 @@ def _validate(chosen_values, rejected_values, chosen_ids, rejected_ids, chosen_m
             )
     if shape[0] == 0:
         raise ValueError(
-            f"got an empty batch: inputs of shape {tuple(shape)}. The loss is a mean over pairs; pass at least one pair."
+            f"got an empty batch (inputs of shape {tuple(shape)}): the loss is a mean over pairs, so pass at least one "
+            "chosen/rejected pair."
         )
-    return tuple(_mask_lengths(name, named[name]) for name in ("chosen_mask", "rejected_mask"))
+    return _mask_lengths("chosen_mask", chosen_mask), _mask_lengths("rejected_mask", rejected_mask)
 
 
 def _mask_lengths(name: str, mask: torch.Tensor) -> torch.Tensor:
-    """Real tokens per row of a mask that must be right-padded 0/1 with at least one real token.
+    """Real tokens per row of ``mask``; raises unless it is right-padded 0/1 with a real token in every row.
 
-    Fast check, exact for any integer mask: values in {0, 1}, and the positions of the ones, weighted
-    by the strictly decreasing ``seq_len - t``, sum to the weight of the first ``length`` positions
-    (which only the first ``length`` positions reach).  A mask that fails it goes to the explicit check
-    below, which names the first bad row.
+    Fast check (a few reductions, no comparison against a rebuilt mask): the values are 0 or 1, every
+    row has a one, and the positions of a row's ones sum to ``0 + 1 + ... + (length - 1)``, which only
+    the first ``length`` positions do (any other set of ``length`` distinct positions sums to more).
+    A mask that fails it goes through the explicit comparison below, which names the first bad row.
     """
     mask = mask.long()
-    seq_len = mask.shape[1]
-    positions = torch.arange(seq_len, device=mask.device)
-    weights = torch.stack([torch.ones_like(positions), seq_len - positions], dim=1).double()
-    lengths, weighted = (mask.double() @ weights).unbind(1)  # exact: integers far below 2**53
     low, high = mask.aminmax()
-    first_positions = lengths * seq_len - lengths * (lengths - 1) / 2
-    if low >= 0 and high <= 1 and bool(lengths.all()) and torch.equal(weighted, first_positions):
-        return lengths.long()
+    if low.item() >= 0 and high.item() <= 1:  # 0/1: a narrower integer type is exact
+        small = torch.int32 if mask.shape[1] <= 2**15 else torch.int64  # 2 * sum of positions fits in int32
+        ones = mask.to(small)
+        lengths = ones.sum(dim=1, dtype=small)
+        positions = torch.arange(mask.shape[1], device=mask.device, dtype=small)
+        position_sums = (ones * positions).sum(dim=1, dtype=small)
+        if lengths.min().item() >= 1 and torch.equal(position_sums * 2, lengths * (lengths - 1)):
+            return lengths.long()
     lengths = mask.sum(dim=1)
     if (lengths == 0).any():
         row = int((lengths == 0).nonzero()[0])
         raise ValueError(f"{name} row {row} has no real token; drop empty sequences before the loss.")
+    positions = torch.arange(mask.shape[1], device=mask.device)
     right_padded = (positions[None, :] < lengths[:, None]).long()
     row = int((mask != right_padded).any(dim=1).nonzero()[0])
     raise ValueError(
@@ -150,58 +153,33 @@ def divergence_windows(chosen_ids, rejected_ids, chosen_mask, rejected_mask):
     differs = _real_ids(chosen_ids, chosen_mask) != _real_ids(rejected_ids, rejected_mask)
     has_divergence = differs.any(dim=1)
     first_difference = differs.int().argmax(dim=1)  # argmax returns the first maximal position
-    return _window(has_divergence, first_difference, chosen_lengths, rejected_lengths, chosen_ids.shape[1])
-
-
-def _window(has_divergence, first_difference, chosen_lengths, rejected_lengths, seq_len: int):
     end = torch.where(has_divergence, torch.maximum(chosen_lengths, rejected_lengths), chosen_lengths)
     divergence = torch.where(has_divergence, first_difference, chosen_lengths - 1)
-    positions = torch.arange(seq_len, device=end.device)[None, :]
+    positions = torch.arange(chosen_ids.shape[1], device=chosen_ids.device)[None, :]
     window = (positions >= divergence[:, None]) & (positions < end[:, None])
     return divergence, end, window
 
 
 def _checked_windows(chosen_ids, rejected_ids, chosen_mask, rejected_mask, chosen_lengths, rejected_lengths):
-    """``divergence_windows`` for masks that ``_validate`` accepted, with fewer passes over the batch.
+    """``divergence_windows`` for masks ``_validate`` accepted (right-padded), in fewer passes over the batch.
 
-    A right-padded pair agrees on its padding (both -1), so the first difference is either a differing id
-    before the shorter length, or the shorter length itself when the lengths differ.  That holds when no
-    real id is -1 (which ``_real_ids`` could not tell from padding); with negative ids, the general path.
+    With right padding, the first position where the real ids differ is the first differing id before the
+    shorter length; failing that, the shorter length itself when the lengths differ (a token against
+    padding); failing that (identical pair), the last token: the minimum of the three.  This relies on no
+    real id being -1, the value ``_real_ids`` gives padding; negative ids take the general path.
     """
-    if bool(chosen_ids.min() < 0) or bool(rejected_ids.min() < 0):
+    if min(chosen_ids.min().item(), rejected_ids.min().item()) < 0:
         return divergence_windows(chosen_ids, rejected_ids, chosen_mask, rejected_mask)
-    has_difference, first_difference = (chosen_ids != rejected_ids).max(dim=1)  # index of the first True
-    shorter = torch.minimum(chosen_lengths, rejected_lengths)
-    in_both = has_difference & (first_difference < shorter)
-    has_divergence = in_both | (chosen_lengths != rejected_lengths)
-    first_difference = torch.where(in_both, first_difference, shorter)
-    return _window(has_divergence, first_difference, chosen_lengths, rejected_lengths, chosen_ids.shape[1])
-
-
-class _WindowSums(torch.autograd.Function):
-    """Per pair, the sum over its window of ``-log sigma(chosen - rejected)``, accumulated in ``accumulate``.
-
-    Forward values and gradients are bit for bit those of the autograd graph of
-    ``torch.where(window, -F.logsigmoid(torch.where(window, chosen - rejected, 0)), 0).sum(1, dtype=accumulate)``:
-    the difference is masked *before* the arithmetic, so whatever sits outside the window (NaN, inf in
-    padding) gets a zero gradient, as in the reference loop that slices the window out.  Written as a
-    Function only to skip the graph's intermediate masking passes in the backward.
-    """
-
-    @staticmethod
-    def forward(ctx, chosen_values, rejected_values, window, accumulate):
-        difference = torch.where(window, chosen_values - rejected_values, 0)
-        log_sigma, buffer = torch.ops.aten.log_sigmoid_forward(difference)  # what F.logsigmoid computes
-        ctx.save_for_backward(difference, buffer, window)
-        return torch.where(window, -log_sigma, 0).sum(dim=1, dtype=accumulate)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_sums):
-        difference, buffer, window = ctx.saved_tensors
-        upstream = (-grad_sums.to(difference.dtype))[:, None].expand_as(difference)
-        grad = torch.where(window, torch.ops.aten.log_sigmoid_backward(upstream, difference, buffer), 0)
-        return grad, -grad, None, None
+    seq_len = chosen_ids.shape[1]
+    has_difference, first_difference = (chosen_ids != rejected_ids).max(dim=1)  # max: index of the first True
+    end = torch.maximum(chosen_lengths, rejected_lengths)
+    divergence = torch.minimum(
+        torch.where(has_difference, first_difference, seq_len),
+        torch.minimum(torch.minimum(chosen_lengths, rejected_lengths), end - 1),
+    )
+    positions = torch.arange(seq_len, device=chosen_ids.device)
+    window = (positions >= divergence.unsqueeze(1)) & (positions < end.unsqueeze(1))
+    return divergence, end, window
 
 
 def token_level_pairwise_loss(
@@ -214,13 +192,25 @@ def token_level_pairwise_loss(
     divergence, end, window = _checked_windows(
         chosen_ids, rejected_ids, chosen_mask, rejected_mask, chosen_lengths, rejected_lengths
     )
+    difference = chosen_values - rejected_values
     # Accumulate in at least fp32: an fp16 sum of many large terms overflows where a mean would not.
-    accumulate = torch.promote_types(torch.promote_types(chosen_values.dtype, rejected_values.dtype), torch.float32)
-    per_pair = _WindowSums.apply(chosen_values, rejected_values, window, accumulate) / (end - divergence).to(accumulate)
+    accumulate = torch.promote_types(difference.dtype, torch.float32)
+    # Fast form: -log sigma(difference) is kept in the window by multiplying with 1 and dropped elsewhere by
+    # multiplying with 0.  Every term is >= 0, so when each pair's sum is finite and positive, nothing outside
+    # the window was NaN or -inf (0 * NaN = NaN would show) and the sums are exactly those of the masked form.
+    negative_window = window.view(torch.uint8).to(difference.dtype).neg_()  # -1 in the window, 0 elsewhere
+    sums = (F.logsigmoid(difference) * negative_window).sum(dim=1, dtype=accumulate)
+    low, high = sums.detach().aminmax()
+    if not (low.item() > 0 and high.item() < math.inf):
+        # Masked form: the difference is replaced by 0 outside the window *before* the arithmetic, so a NaN or
+        # inf there (padding, say) gets a zero gradient, as in the loop, which slices the window out.
+        sums = torch.where(window, -F.logsigmoid(torch.where(window, difference, 0)), 0).sum(dim=1, dtype=accumulate)
+    per_pair = sums / (end - divergence)
+    batch = torch.arange(chosen_values.shape[0], device=chosen_values.device)
     return TokenLossOutput(
         loss=per_pair.mean().to(chosen_values.dtype),
-        chosen_scores=chosen_values.gather(1, (chosen_lengths - 1)[:, None]).squeeze(1),
-        rejected_scores=rejected_values.gather(1, (rejected_lengths - 1)[:, None]).squeeze(1),
+        chosen_scores=chosen_values[batch, chosen_lengths - 1],
+        rejected_scores=rejected_values[batch, rejected_lengths - 1],
     )
 
 

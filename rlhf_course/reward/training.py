@@ -28,8 +28,10 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainingArguments
 
+from rlhf_course.reward.data import LANGUAGES
 from rlhf_course.reward.losses import log_sig_loss
-from rlhf_course.core.config import ProfileConfig
+from rlhf_course.core.config import (FLAG, MAPPING, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, Check,
+                                     ProfileConfig, integer, number, one_of, tuple_of)
 from rlhf_course.core.profiles import PROFILES, require_hub
 
 # Short names for the base models; the full-profile ones are the seeds' hub ids.
@@ -54,6 +56,10 @@ LAPTOP_OVERRIDES = dict(
     load_in_4bit=False, logging_steps=4,
 )
 TRAINERS = ("trl", "pairwise")
+# transformers' lr_scheduler_type values that need no extra arguments (cosine_with_min_lr needs a
+# min_lr, reduce_lr_on_plateau an evaluation, ...): the ones a reward run can use as they are.
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt")
 
 
 @dataclass
@@ -66,6 +72,24 @@ class RewardTrainingConfig(ProfileConfig):
     """
 
     laptop_overrides = LAPTOP_OVERRIDES
+    field_checks = {
+        "profile": one_of(PROFILES), "language": one_of(LANGUAGES), "trainer": one_of(TRAINERS),
+        "base_model": Check(lambda name: isinstance(name, str) and (name in BASE_MODELS or Path(name).is_dir()),
+                            f"one of {', '.join(BASE_MODELS)}, or the path of a local model folder"),
+        "train_size": POSITIVE_INT.or_none("all pairs"), "test_size": POSITIVE_INT.or_none("all pairs"),
+        # 8 tokens: the shortest prompt + reply that still says something; below it every pair is cut to noise
+        "max_length": integer(8), "batch_size gradient_accumulation_steps lora_r logging_steps": POSITIVE_INT,
+        # a fraction: transformers rounds the steps up, so any epochs > 0 trains at least one step
+        "epochs": number(0, low_open=True, note="fractions train part of an epoch, at least one step"),
+        "learning_rate lora_alpha": POSITIVE, "weight_decay": NON_NEGATIVE,
+        # passed as warmup_steps: a float below 1 is a fraction of the steps, 1 or more a number of steps
+        "warmup_ratio": number(0, 1, high_open=True), "lora_dropout": number(0, 1, high_open=True),
+        "lr_scheduler": one_of(LR_SCHEDULERS),
+        "lora_targets": tuple_of(Check(lambda v: isinstance(v, str) and bool(v), "a module name"),
+                                 "module names").or_none("by architecture, LORA_TARGETS"),
+        "lora_last_layers": POSITIVE_INT.or_none("all layers"), "load_in_4bit": FLAG, "seed": SEED,
+        "extra": MAPPING,
+    }
 
     profile: str = field(default="full", metadata={"help": "laptop or full: which data and model world the run is in"})
     language: str = field(default="en", metadata={"help": "preference pairs: en | zh | bilingual"})
@@ -97,10 +121,7 @@ class RewardTrainingConfig(ProfileConfig):
         "help": "anything else, recorded with the model (JSON on the command line)"})
 
     def validate(self) -> None:
-        if self.profile not in PROFILES:
-            raise ValueError(f"profile={self.profile!r}; choose one of {PROFILES}")
-        if self.trainer not in TRAINERS:
-            raise ValueError(f"trainer={self.trainer!r} is not known; use one of {TRAINERS}")
+        super().validate()  # one rule per field (field_checks); no relations between fields to check
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from rlhf_course.core.config import ProfileConfig
+from rlhf_course.core.config import NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, ProfileConfig, integer
 from rlhf_course.core.text import padding_side
 from rlhf_course.policy.sentiment import SentimentReward
 
@@ -57,6 +57,13 @@ class BeyondPPOConfig(ProfileConfig):
     """
 
     laptop_overrides = LAPTOP_OVERRIDES
+    field_checks = {
+        "seed": SEED, "dpo_beta dpo_learning_rate rl_learning_rate temperature ppo_learning_rate": POSITIVE,
+        "dpo_steps dpo_batch_size rl_rounds rl_prompts_per_round rl_minibatches rl_epochs": POSITIVE_INT,
+        "rl_max_completion_length ppo_forward_batch_size": POSITIVE_INT, "dpo_max_length": integer(2),
+        "rl_num_generations": integer(2, note="a group needs 2 completions to compare"),
+        "rloo_beta grpo_beta ppo_init_kl_coef": NON_NEGATIVE,
+    }
 
     seed: int = field(default=0, metadata={"help": "seed of every run (TRL's seed, PPO's seed)"})
     # DPO (Rafailov et al. 2023: beta 0.1, lr 1e-6, batch 64, on 1B+ pretrained models); the laptop
@@ -95,10 +102,12 @@ class BeyondPPOConfig(ProfileConfig):
         "help": "PPO row's no-grad forward chunk (laptop only; full: PPOConfig's 64)"})
 
     def validate(self) -> None:
+        super().validate()  # one rule per field (field_checks), then the relation between them
         completions = self.rl_prompts_per_round * self.rl_num_generations
         if completions % self.rl_minibatches:
-            raise ValueError(f"{completions} completions per round do not split into rl_minibatches="
-                             f"{self.rl_minibatches} equal gradient steps")
+            raise ValueError(f"BeyondPPOConfig: {completions} completions per round (rl_prompts_per_round x "
+                             f"rl_num_generations) do not split into rl_minibatches={self.rl_minibatches} equal "
+                             f"gradient steps; use an rl_minibatches that divides {completions}")
 
 
 def on_cpu() -> bool:
@@ -328,6 +337,7 @@ def _run_trl(method: str, build: Callable[[], object]) -> MethodRun:
 
 def train_dpo(policy, tokenizer, pairs, config: BeyondPPOConfig, output_dir: str | Path) -> MethodRun:
     """DPO with TRL on ``pairs`` (columns ``prompt``, ``chosen``, ``rejected``)."""
+    config.validate()  # before TRL loads anything
     from trl import DPOConfig, DPOTrainer
 
     args = trl_args(DPOConfig, output_dir, seed=config.seed, beta=config.dpo_beta,
@@ -339,10 +349,8 @@ def train_dpo(policy, tokenizer, pairs, config: BeyondPPOConfig, output_dir: str
 
 
 def _group_args(config_class, config: BeyondPPOConfig, output_dir, beta: float):
+    config.validate()  # every field, and that the completions split into rl_minibatches equal steps
     completions = config.rl_prompts_per_round * config.rl_num_generations
-    if completions % config.rl_minibatches:
-        raise ValueError(f"{completions} completions per round do not split into rl_minibatches="
-                         f"{config.rl_minibatches} equal gradient steps")
     return trl_args(config_class, output_dir, seed=config.seed, beta=beta,
                     learning_rate=config.rl_learning_rate,
                     max_steps=config.rl_rounds * config.rl_minibatches * config.rl_epochs,  # gradient steps
@@ -407,6 +415,7 @@ def train_ppo_same_budget(queries: list[list[int]], reward: SentimentReward, con
     """
     from rlhf_course.rl import ppo
 
+    config.validate()
     ppo_config = ppo_config_same_budget(config)
 
     def build():

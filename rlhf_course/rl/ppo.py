@@ -41,9 +41,10 @@ import torch
 import torch.nn as nn
 
 from rlhf_course.core import distributed
-from rlhf_course.core.config import ProfileConfig
+from rlhf_course.core.config import (FLAG, FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, SEED,
+                                     ProfileConfig, integer, number, one_of)
 from rlhf_course.core.stats import RunningMoments, masked_mean, masked_var, masked_whiten
-from rlhf_course.rl.sampling import RewardFn, generate_batch
+from rlhf_course.rl.sampling import MAX_TOP_K, RewardFn, generate_batch
 
 
 
@@ -83,6 +84,16 @@ class PPOConfig(ProfileConfig):
     the laptop values, ``LAPTOP_OVERRIDES`` (``rlhf_course.core.config``)."""
 
     laptop_overrides = LAPTOP_OVERRIDES
+    field_checks = {
+        "min_review_chars": NON_NEGATIVE_INT, "top_k": integer(0, MAX_TOP_K, note="0: off"),
+        "query_min_tokens query_max_tokens response_min_tokens response_max_tokens": POSITIVE_INT,
+        "top_p": number(0, 1, low_open=True, note="1: off"), "temperature": number(0, note="0: greedy decoding"),
+        "steps batch_size mini_batch_size ppo_epochs forward_batch_size kl_horizon": POSITIVE_INT,
+        "learning_rate adam_eps cliprange kl_target": POSITIVE, "max_grad_norm": POSITIVE.or_none("no clipping"),
+        "lr_schedule": one_of(LR_SCHEDULES), "gamma lam": FRACTION, "vf_coef entropy_coef init_kl_coef": NON_NEGATIVE,
+        "cliprange_value": number(0, low_open=True, finite=False, note="inf: no value clipping"), "seed": SEED,
+        "force_max_length adaptive_kl whiten_advantages scale_rewards": FLAG,
+    }
 
     # --- data and sampling (the seed notebook)
     min_review_chars: int = field(default=200, metadata={
@@ -131,15 +142,16 @@ class PPOConfig(ProfileConfig):
     seed: int = field(default=0, metadata={"help": "seed of the query order, the sampling and the value head"})
 
     def validate(self) -> None:
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule={self.lr_schedule!r}; choose one of {sorted(LR_SCHEDULES)}")
+        super().validate()  # one rule per field (field_checks), then the relations between fields
         if self.batch_size % self.mini_batch_size:
-            raise ValueError(f"batch_size={self.batch_size} must be a multiple of mini_batch_size={self.mini_batch_size}")
-        if not 1 <= self.query_min_tokens < self.query_max_tokens:
-            raise ValueError(f"need 1 <= query_min_tokens < query_max_tokens, got {self.query_min_tokens}, {self.query_max_tokens}")
-        if not 1 <= self.response_min_tokens < self.response_max_tokens:
-            raise ValueError(f"need 1 <= response_min_tokens < response_max_tokens, got "
-                             f"{self.response_min_tokens}, {self.response_max_tokens}")
+            raise ValueError(f"PPOConfig: batch_size={self.batch_size} must be a multiple of mini_batch_size="
+                             f"{self.mini_batch_size}; use a mini_batch_size that divides it, e.g. "
+                             f"{max(d for d in range(1, self.mini_batch_size) if self.batch_size % d == 0)}")
+        for kind, low, high in (("query", self.query_min_tokens, self.query_max_tokens),
+                                ("response", self.response_min_tokens, self.response_max_tokens)):
+            if not low < high:  # the upper end is excluded: [low, high) must hold a length
+                raise ValueError(f"PPOConfig: need 1 <= {kind}_min_tokens < {kind}_max_tokens (the maximum is excluded), "
+                                 f"got {low} and {high}; e.g. {kind}_max_tokens={low + 1} or more")
 
 
 # ============================================================================ 2. models

@@ -18,6 +18,9 @@ if TYPE_CHECKING:  # for annotations only: ppo imports this module, not the othe
     from rlhf_course.rl.ppo import PPOConfig
 
 RewardFn = Callable[[list[str]], torch.Tensor]  # texts -> one score per text
+# The largest top_k a config accepts: GPT-2's vocabulary, the policies' of both profiles (a larger k
+# keeps every token, so it is not top-k at all).  A smaller vocabulary caps k at its own size.
+MAX_TOP_K = 50_257
 
 
 # ============================================================================ 1. queries
@@ -114,7 +117,7 @@ def sample_next_token(logits: torch.Tensor, config: PPOConfig, generator: torch.
         return logits.float().argmax(-1)
     logits = logits.float() / config.temperature
     if config.top_k > 0:
-        kth = torch.topk(logits, config.top_k, dim=-1).values[:, -1:]
+        kth = torch.topk(logits, min(config.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if config.top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
         sorted_logits, order = logits.sort(dim=-1, descending=True)

@@ -36,7 +36,7 @@ from torch import nn
 
 from rlhf_course.rl import ppo
 from rlhf_course.rl.ppo import PPOConfig, PolicyWithValueHead, RewardFn
-from rlhf_course.core.config import ProfileConfig
+from rlhf_course.core.config import FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, ProfileConfig, tuple_of
 from rlhf_course.core.profiles import Profile
 from rlhf_course.rl import sampling
 
@@ -61,6 +61,12 @@ class TricksConfig(ProfileConfig):
     """
 
     laptop_overrides = LAPTOP_OVERRIDES
+    field_checks = {
+        "kl_coefs": tuple_of(NON_NEGATIVE, "KL coefficients"), "gamma": FRACTION, "reward_scale": POSITIVE,
+        "entropy_coef": NON_NEGATIVE, "long_run_learning_rate": POSITIVE,
+        "long_run_steps long_run_batch_size long_run_mini_batch_size long_run_forward_batch_size": POSITIVE_INT,
+        "long_run_ppo_epochs": POSITIVE_INT,
+    }
 
     kl_coefs: tuple[float, ...] = field(default=(0.0, 0.05, 0.5), metadata={
         "help": "init_kl_coef of each run of the KL sweep (section 8.5; the base run's is 0.2)  [Ziegler][Gao]"})
@@ -78,6 +84,13 @@ class TricksConfig(ProfileConfig):
     long_run_forward_batch_size: int = field(default=64, metadata={
         "help": "chunk size of the no-grad forward passes of the long beta=0 run"})
     long_run_ppo_epochs: int = field(default=4, metadata={"help": "passes over each batch of the long beta=0 run"})
+
+    def validate(self) -> None:
+        super().validate()  # one rule per field (field_checks), then the relation between them
+        if self.long_run_batch_size % self.long_run_mini_batch_size:
+            raise ValueError(f"TricksConfig: long_run_batch_size={self.long_run_batch_size} must be a multiple of "
+                             f"long_run_mini_batch_size={self.long_run_mini_batch_size}; use a mini-batch size "
+                             "that divides it")
 
 
 @dataclass(frozen=True)
@@ -111,11 +124,10 @@ def notebook_experiments(kl_coefs: Sequence[float] | None = None, gamma: float |
     The numbers come from ``config`` (default: ``TricksConfig.for_profile()``); ``kl_coefs``,
     ``gamma`` and ``reward_scale`` override its fields of the same names.
     """
-    config = config or TricksConfig.for_profile()
-    kl_coefs = config.kl_coefs if kl_coefs is None else kl_coefs
-    gamma = config.gamma if gamma is None else gamma
-    reward_scale = config.reward_scale if reward_scale is None else reward_scale
-    entropy = config.entropy_coef
+    changes = {k: v for k, v in dict(kl_coefs=kl_coefs, gamma=gamma, reward_scale=reward_scale).items() if v is not None}
+    config = replace(config or TricksConfig.for_profile(), **changes)
+    config.validate()
+    kl_coefs, gamma, reward_scale, entropy = config.kl_coefs, config.gamma, config.reward_scale, config.entropy_coef
     runs = [
         Experiment("base", "base", "base (EOS stop, whitened advantages, value clip 0.2, grad clip 1.0, "
                    "constant LR, fixed KL coef)"),
@@ -153,6 +165,7 @@ def long_run_without_kl(profile: Profile | str | None = None, config: TricksConf
     Its sizes are ``config``'s ``long_run_*`` fields (default: ``TricksConfig.for_profile(profile)``).
     """
     config = config or TricksConfig.for_profile(profile)
+    config.validate()
     return Experiment(
         "kl_0_long", "kl",
         f"init_kl_coef=0, lr as notebook 07, {config.long_run_steps} x {config.long_run_batch_size} episodes",
