@@ -18,15 +18,19 @@ reward/    stage 2, the reward model (notebooks 01-05); imports core
     reward.losses       pairwise, K-wise, centred and point-wise reward losses
     reward.readout      where the scalar is read from: last token, mean, CLS, pooling
     reward.token_loss   the token-level pairwise (divergence) loss, vectorised
-    reward.data         hh-rlhf / hh_rlhf_cn preference data, parsed, checked and tokenised
+    reward.preference_parsing  hh-rlhf / hh_rlhf_cn records parsed and checked, with a load report
+    reward.data         preference data sets: laptop records, prompt templates, splits, tokenising
     reward.training     LoRA reward-model training: TRL's RewardTrainer and the seed's Trainer
     reward.evaluation   accuracy on held-out pairs, and what accuracy does not show
 policy/    stage 1, the policy before RL (notebook 06); imports core
     policy.sft          the SFT policy: a small GPT-2 trained on movie reviews
+    policy.smollm2_sft  the pretrained SFT policy: SmolLM2-135M + a LoRA adapter fine-tuned on reviews
     policy.sentiment    the sentiment classifier whose POSITIVE logit is the PPO reward
+    policy.judge        the gold judge (VADER), never trained against, with paired standard errors
 rl/        stage 3, reinforcement learning (notebooks 07-09); imports policy and core
     rl.ppo              PPO for language models, from scratch, in one file
     rl.sampling         the prompts and the batched generation of a rollout
+    rl.lora_policy      PPO on SmolLM2 with LoRA: adapter-off reference view, held-out evaluation
     rl.tricks           PPO tricks and failure modes as experiments (notebook 08)
     rl.beyond_ppo       DPO, RLOO and GRPO through TRL, against PPO (notebook 09)
 course/    on top: runs the course; may import anything

@@ -33,6 +33,7 @@ from rlhf_course.core.profiles import ENV_VAR, PROFILES, get_device, seed_everyt
 from rlhf_course.rl import sampling
 
 REWARDS = ("sentiment", "length")
+SMOLLM2_LORA = "smollm2-lora"  # --policy: the pretrained SmolLM2-135M SFT policy with a PPO LoRA adapter
 HISTORY = "history.json"
 
 
@@ -69,10 +70,15 @@ def load_reward(name: str, device) -> object:
 
 
 def load_policy(path: str | None, device):
-    """``(policy with value head, frozen reference, tokenizer)``: the profile's SFT policy (notebook 06)
-    or any causal LM folder with its tokenizer (``--policy``)."""
+    """``(policy with value head, frozen reference, tokenizer)``: the profile's SFT policy (notebook 06),
+    ``smollm2-lora`` (SmolLM2-135M SFT + a PPO LoRA adapter; the reference is the adapter switched off,
+    ``rlhf_course.rl.lora_policy``) or any causal LM folder with its tokenizer (``--policy``)."""
     if path is None:
         return ppo.load_policy_and_reference(device)
+    if path == SMOLLM2_LORA:
+        from rlhf_course.rl.lora_policy import load_smollm2_policy_and_reference
+
+        return load_smollm2_policy_and_reference(device)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not Path(path).is_dir():
@@ -92,7 +98,10 @@ class PPOScriptArgs:
     output_dir: str = field(metadata={"help": "where policy/, history.json and checkpoints/ go"})
     profile: str | None = field(default=None, metadata={
         "help": "laptop (small SFT policy, packaged reviews, CPU) or full (gpt2-imdb, IMDB, GPU)"})
-    policy: str | None = field(default=None, metadata={"help": "a causal LM folder (default: the profile's SFT policy)"})
+    policy: str | None = field(default=None, metadata={
+        "help": f"a causal LM folder, or {SMOLLM2_LORA} (SmolLM2-135M SFT + LoRA; its laptop settings: "
+                "rlhf_course.rl.lora_policy.SMOLLM2_PPO_OVERRIDES; policy/ then holds the adapter) "
+                "(default: the profile's SFT policy)"})
     reward: str = field(default="sentiment", metadata={
         "help": "sentiment: the profile's classifier; length: a free stand-in for tests", "choices": REWARDS})
     n_eval: int = field(default=64, metadata={"help": "queries held out of training (as notebook 07)"})
@@ -104,7 +113,8 @@ class PPOScriptArgs:
     field_checks = {
         "output_dir": Check(lambda v: isinstance(v, str) and bool(v.strip()), "a folder name"),
         "profile": one_of(PROFILES).or_none(f"${ENV_VAR}, else laptop"), "reward": one_of(REWARDS),
-        "policy": Check(lambda v: Path(v).is_dir(), "a folder written by save_pretrained (model and tokenizer)"
+        "policy": Check(lambda v: v == SMOLLM2_LORA or Path(v).is_dir(),
+                        f"a folder written by save_pretrained (model and tokenizer), or {SMOLLM2_LORA}"
                         ).or_none("the profile's SFT policy"),
         "n_eval": POSITIVE_INT, "checkpoint_every": POSITIVE_INT.or_none("no checkpoints"),
         "resume_from": Check(lambda v: v in (None, "latest") or Path(v).is_dir(),

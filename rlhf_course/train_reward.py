@@ -26,12 +26,14 @@ from rlhf_course.core.config import POSITIVE_INT, Check, check_fields
 from rlhf_course.reward import evaluation as reward_eval
 from rlhf_course.core.profiles import Profile, seed_everything
 from rlhf_course.reward.training import (
+    HeldOutCurve,
     RewardTrainingConfig,
     add_length_column,
     load_reward_base,
     load_reward_model,
     load_tokenizer,
     pairwise_trainer,
+    quiet_loading,
     read_model_card,
     save_reward_model,
     trainable_parameters,
@@ -40,25 +42,30 @@ from rlhf_course.reward.training import (
 )
 
 TRAIN_LOG = "train_log.json"
+HELD_OUT_LOG = "held_out_log.json"
 TEST_SCORES = "test_scores.csv"
 
 
 @dataclass
 class RewardRun:
-    """What a reward-model run left in ``folder``: the model, its training log and held-out figures."""
+    """What a reward-model run left in ``folder``: the model, its training log (per logged step),
+    its held-out learning curve (``held_out``: every ``config.held_out_every`` steps, when set) and
+    its held-out figures (``metrics``)."""
 
     folder: Path
     config: RewardTrainingConfig
     metrics: dict
     log: list
+    held_out: list = field(default_factory=list)
 
     @classmethod
     def from_folder(cls, folder) -> "RewardRun":
         folder = Path(folder)
         card = read_model_card(folder)
         config = RewardTrainingConfig(**{**card["config"], "lora_targets": tuple(card["config"]["lora_targets"] or ()) or None})
-        log = json.loads((folder / TRAIN_LOG).read_text()) if (folder / TRAIN_LOG).exists() else []
-        return cls(folder, config, card["metrics"], log)
+        logs = [json.loads((folder / name).read_text()) if (folder / name).exists() else []
+                for name in (TRAIN_LOG, HELD_OUT_LOG)]
+        return cls(folder, config, card["metrics"], *logs)
 
     def load(self):
         """``(model, tokenizer)``, ready to score text."""
@@ -94,18 +101,25 @@ def train_and_evaluate(config: RewardTrainingConfig, output_dir, verbose: bool =
         trainer = trl_trainer(model, tokenizer, Dataset.from_pandas(train_frame), config, output_dir / "trainer",
                               **distributed.trainer_checkpoint_args(checkpoint_every))
     elif config.trainer == "pairwise":
-        tokenized, report = data.tokenize_pairs(train_frame, tokenizer, config.max_length)
+        with quiet_loading():
+            tokenized, report = data.tokenize_pairs(train_frame, tokenizer, config.max_length)
+            # Length-grouped batches waste less compute on padding; the length column is the fix for the
+            # seed's group_by_length error (notebook 04, section 4.7).
+            tokenized = add_length_column(tokenized)
         if verbose:
-            print(report)
-        # Length-grouped batches waste less compute on padding; the length column is the fix for the
-        # seed's group_by_length error (notebook 04, section 4.7).
-        trainer = pairwise_trainer(model, tokenizer, add_length_column(tokenized), config, output_dir / "trainer",
+            print(f"{report}; {report.truncated} with a side cut at max_length={config.max_length}")
+        trainer = pairwise_trainer(model, tokenizer, tokenized, config, output_dir / "trainer",
                                    train_sampling_strategy="group_by_length",
                                    **distributed.trainer_checkpoint_args(checkpoint_every))
     else:
         raise ValueError(f"trainer={config.trainer!r} is not known; use 'trl' or 'pairwise'")
     steps = distributed.make_step_counter()
     trainer.add_callback(steps)
+    curve = None
+    if config.held_out_every:
+        curve = HeldOutCurve(tokenizer, test_frame.head(config.held_out_pairs), config.held_out_every,
+                             config.max_length)
+        trainer.add_callback(curve)
     verbose = verbose and trainer.is_world_process_zero()
     if verbose:
         trainable, total = trainable_parameters(trainer.model)
@@ -125,11 +139,13 @@ def train_and_evaluate(config: RewardTrainingConfig, output_dir, verbose: bool =
                    "eval_seconds": round(time.perf_counter() - started, 1), "train_pairs": len(train_frame)}
         save_reward_model(model, tokenizer, output_dir, config, metrics)
         (output_dir / TRAIN_LOG).write_text(json.dumps(training_log(trainer), indent=1))
+        if curve is not None:
+            (output_dir / HELD_OUT_LOG).write_text(json.dumps(curve.log, indent=1))
         scored.to_csv(output_dir / TEST_SCORES, index=False)
         if verbose:
             print(reward_eval.deepspeed_log_line(scored))
     distributed.write_rank_report(output_dir, trainer.accelerator, steps=steps.steps)  # waits for the main process
-    return RewardRun(output_dir, config, metrics, training_log(trainer))
+    return RewardRun(output_dir, config, metrics, training_log(trainer), curve.log if curve is not None else [])
 
 
 def cached_run(config: RewardTrainingConfig, name: str | None = None) -> RewardRun:
@@ -138,7 +154,9 @@ def cached_run(config: RewardTrainingConfig, name: str | None = None) -> RewardR
 
     name = name or f"reward-{config.language}-{config.trainer}-{config.base_model}-{config.profile}"
     digest = f"{zlib.crc32(json.dumps(config.to_dict(), sort_keys=True).encode()):08x}"
-    folder = cache.cached_build(name, lambda tmp: train_and_evaluate(config, tmp), version=f"2-{digest}")
+    # version 3: a pad token distinct from eos, no eos appended (TRL gets token ids): every model reads
+    # the last token of prompt + reply; held-out learning curves
+    folder = cache.cached_build(name, lambda tmp: train_and_evaluate(config, tmp), version=f"3-{digest}")
     return RewardRun.from_folder(folder)
 
 
@@ -198,7 +216,8 @@ def main(argv: list[str] | None = None) -> RewardRun:
                                  resume_from=args.resume_from)
               if args.output_dir else cached_run(config))
     if result.metrics:  # empty on all but the main process under accelerate launch
-        print(json.dumps({"folder": str(result.folder), **result.metrics}, indent=1))
+        where = args.output_dir or f"<course cache>/{result.folder.name}"  # no absolute cache path printed
+        print(json.dumps({"folder": where, **result.metrics}, indent=1))
     return result
 
 

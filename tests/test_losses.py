@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -69,6 +70,67 @@ def test_shape_mismatch_is_reported():
         losses.log_sig_loss(torch.zeros(3), torch.zeros(4))
     with pytest.raises(ValueError, match="empty"):
         losses.log_exp_loss(torch.zeros(0), torch.zeros(0))
+
+
+NON_FINITE = [float("nan"), float("inf"), -float("inf")]
+PAIRWISE = [losses.log_sig_loss, losses.log_exp_loss, losses.naive_log_sig_loss, losses.reward_centering_loss]
+
+
+@pytest.mark.parametrize("bad", NON_FINITE)
+@pytest.mark.parametrize("loss_fn", PAIRWISE)
+def test_non_finite_rewards_raise_unless_told_not_to_check(loss_fn, bad):
+    # Issue 17: every loss took NaN/inf rewards without a word (and returned NaN or inf).
+    chosen, rejected = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.0, bad, 1.0])
+    with pytest.raises(ValueError, match=r"rejected rewards must be finite, got .* \(first at index 1: .*check_finite=False"):
+        loss_fn(chosen, rejected)
+    with pytest.raises(ValueError, match="chosen rewards must be finite"):
+        loss_fn(rejected, chosen)
+    assert loss_fn(chosen, rejected, check_finite=False).dim() == 0  # the old behaviour, on request
+
+
+def test_non_finite_margin_and_kwise_rewards_raise():
+    chosen, rejected = _pair(torch.float32, requires_grad=False)
+    with pytest.raises(ValueError, match="margin is inf"):
+        losses.log_sig_loss(chosen, rejected, margin=float("inf"))
+    with pytest.raises(ValueError, match="margin must be finite, got 1 NaN"):
+        losses.log_exp_loss(chosen, rejected, margin=torch.tensor([0.0, float("nan"), 0.0, 0.0]))
+    with pytest.raises(ValueError, match=r"rewards must be finite, got 1 NaN and 0 inf among 6 values \(first at index \(1, 2\)"):
+        losses.kwise_ranking_loss(torch.tensor([[1.0, 0.0, 2.0], [1.0, 0.0, float("nan")]]))
+    assert torch.isnan(losses.kwise_ranking_loss(torch.tensor([[1.0, float("nan")]]), check_finite=False))
+
+
+def test_naive_loss_still_overflows_from_finite_rewards():
+    # Notebook 01's demonstration: the inputs are finite, the naive loss is what returns inf.
+    chosen, rejected = _pair(torch.float16)
+    assert torch.isinf(losses.naive_log_sig_loss(chosen, rejected, margin=1e4))
+
+
+@pytest.mark.parametrize("margin_shape", [(4, 1), (1, 4), (2,), (1,)])
+@pytest.mark.parametrize("loss_fn", [losses.log_sig_loss, losses.log_exp_loss, losses.naive_log_sig_loss])
+def test_a_margin_of_another_shape_is_refused_not_broadcast(loss_fn, margin_shape):
+    # Issue 17: a (4, 1) margin broadcast against (4,) rewards into a 4x4 average of every pair's rewards with
+    # every other pair's margin.
+    chosen, rejected = _pair(torch.float32, requires_grad=False)
+    with pytest.raises(ValueError, match=rf"margin has shape {re.escape(str(margin_shape))} but the rewards have shape \(4,\)"):
+        loss_fn(chosen, rejected, margin=torch.ones(margin_shape))
+
+
+def test_scalar_margins_of_every_kind_agree():
+    chosen, rejected = _pair(torch.float32, requires_grad=False)
+    expected = losses.log_sig_loss(chosen, rejected, torch.full((4,), 1.5))
+    for margin in (1.5, torch.tensor(1.5), torch.tensor(1.5, dtype=torch.float64), [1.5] * 4):
+        assert torch.equal(losses.log_sig_loss(chosen, rejected, margin), expected)
+
+
+def test_pairwise_accuracy_refuses_nan():
+    # Issue 17: a NaN compared False, so [1, NaN] vs [0, 0] gave 0.5.
+    chosen, rejected = torch.tensor([1.0, float("nan")]), torch.tensor([0.0, 0.0])
+    for check_finite in (True, False):
+        with pytest.raises(ValueError, match="chosen rewards"):
+            losses.pairwise_accuracy(chosen, rejected, check_finite=check_finite)
+    with pytest.raises(ValueError, match="chosen rewards must be finite, got 0 NaN and 1 inf"):
+        losses.pairwise_accuracy(torch.tensor([float("inf"), 0.0]), torch.tensor([0.0, 1.0]))
+    assert losses.pairwise_accuracy(torch.tensor([float("inf"), 0.0]), torch.tensor([0.0, 1.0]), check_finite=False) == 0.5
 
 
 def test_pairwise_accuracy():

@@ -10,7 +10,7 @@ from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from rlhf_course.core import assets
-from rlhf_course.reward import data
+from rlhf_course.reward import data, preference_parsing
 from rlhf_course.reward import evaluation as reward_eval
 from rlhf_course.reward import training as reward_training
 from rlhf_course import train_reward
@@ -34,7 +34,7 @@ def tiny_reward_model(tokenizer):
 
 
 def frame():
-    pairs = [data.PreferencePair((("human", f"Question number {i}?"),), f"A helpful answer {i}.", "No.")
+    pairs = [preference_parsing.PreferencePair((("human", f"Question number {i}?"),), f"A helpful answer {i}.", "No.")
              for i in range(8)]
     return data.pairs_to_frame(pairs)
 
@@ -190,3 +190,54 @@ def test_script_run_end_to_end_on_a_tiny_model(tokenizer, tmp_path, trainer_name
     model, model_tokenizer = reread.load()
     again = reward_eval.score_pairs(model, model_tokenizer, scores[["prompt", "chosen", "rejected"]])
     assert abs(again.chosen_reward.values - scores.chosen_reward.values).max() < 1e-4
+
+
+def test_pad_token_differs_from_eos_and_the_score_is_read_at_the_last_real_token(tokenizer, tmp_path):
+    """GPT-2 (like SmolLM2) pads with its eos, so transformers' read-out ("last id that is not pad")
+    skips a final eos; ``load_tokenizer`` gives it a pad of its own, and the read-out is the last
+    real token, what the attention mask says."""
+    base_dir = _tiny_base(tokenizer, tmp_path)
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id  # the trap, as shipped
+    fixed = reward_training.load_tokenizer(base_dir)
+    assert fixed.pad_token_id != fixed.eos_token_id and fixed.padding_side == "right"
+    model = reward_training.load_reward_base(base_dir, fixed, verbose=False).eval()
+    assert model.config.pad_token_id == fixed.pad_token_id
+    texts = ["A short one.", "A somewhat longer text, to pad the other one."]
+    for tok, ending in ((fixed, ""), (fixed, fixed.eos_token)):
+        batch = tok([t + ending for t in texts], padding=True, return_tensors="pt")
+        last = batch["attention_mask"].sum(1) - 1  # right padding: the last real token
+        with torch.no_grad():
+            out = model(**batch, output_hidden_states=True)
+            at_last = model.score(out.hidden_states[-1][torch.arange(2), last]).squeeze(-1)
+        assert torch.allclose(out.logits.squeeze(-1), at_last, atol=1e-6)
+    assert torch.allclose(reward_eval.score_texts(model, fixed, texts), model(**fixed(texts, padding=True,
+                          return_tensors="pt")).logits.squeeze(-1).detach(), atol=1e-5)
+    trapped = tokenizer([t + tokenizer.eos_token for t in texts], padding=True, return_tensors="pt")
+    read = (torch.arange(trapped["input_ids"].shape[1]) * (trapped["input_ids"] != tokenizer.pad_token_id)).argmax(1)
+    assert (read == trapped["attention_mask"].sum(1) - 2).all()  # one token early: the eos taken for padding
+    with pytest.raises(ValueError, match="pad token equals eos"):
+        reward_training.load_reward_base(base_dir, tokenizer, verbose=False)
+
+
+def test_trl_gets_token_ids_without_eos_and_the_held_out_curve_logs_each_step(tokenizer, tmp_path):
+    ids = reward_training.tokenize_for_trl(Dataset.from_pandas(frame()), tokenizer)
+    assert set(ids.column_names) == {"chosen_ids", "rejected_ids"}
+    first = frame().iloc[0]
+    assert ids[0]["chosen_ids"] == tokenizer(first.prompt + first.chosen)["input_ids"]
+    assert tokenizer.eos_token_id not in ids[0]["chosen_ids"]
+    result = train_reward.train_and_evaluate(config(base_model=_tiny_base(tokenizer, tmp_path), language="bilingual",
+                                                    train_size=8, test_size=4, held_out_every=1, held_out_pairs=6,
+                                                    trainer="pairwise"), tmp_path / "run", verbose=False)
+    steps = [row["step"] for row in result.held_out]
+    assert steps == list(range(len(result.log) + 1))  # before the first step, then after each
+    assert {"held_out_loss", "held_out_accuracy", "held_out_accuracy_en", "held_out_accuracy_zh"} <= set(
+        result.held_out[0])
+    assert train_reward.RewardRun.from_folder(tmp_path / "run").held_out == result.held_out
+
+
+def _tiny_base(tokenizer, tmp_path):
+    base_dir = tmp_path / "tiny-base"
+    if not base_dir.exists():
+        LlamaForCausalLM(tiny_config(tokenizer)).save_pretrained(base_dir)
+        tokenizer.save_pretrained(base_dir)
+    return str(base_dir)

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.overrides import TorchFunctionMode
 
 from rlhf_course.reward import token_loss as tl
 from rlhf_course.course import benchmarks
@@ -137,6 +138,108 @@ def test_input_validation_messages():
     short = dict(batch, rejected_values=torch.zeros(1, 2))
     with pytest.raises(ValueError, match="same length"):
         tl.token_level_pairwise_loss(**short)
+
+
+def _poison_outside_windows(batch, seed):
+    """NaN, +inf or -inf at every position outside each pair's window (shared prefix, padding past both ends)."""
+    _, _, window = tl.divergence_windows(
+        batch["chosen_ids"], batch["rejected_ids"], batch["chosen_mask"], batch["rejected_mask"]
+    )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key in ("chosen_values", "rejected_values"):
+            values = batch[key]
+            specials = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=values.dtype)
+            picks = specials[torch.randint(0, 3, values.shape, generator=generator)]
+            values[~window] = picks[~window]
+    return batch
+
+
+@settings(max_examples=100, deadline=None)
+@given(pair_strategy, st.integers(0, 2**31 - 1))
+def test_nan_and_inf_outside_the_window_give_the_references_gradients(spec, seed):
+    # Issue 17: the vectorised loss took -log sigma of every position and masked afterwards, so a NaN in the
+    # padding (outside both sequences) made its gradient NaN (0 * NaN) where the loop, which slices the
+    # window out, has 0.  Padding values are whatever the model emits there: anything is possible.
+    length, pairs = spec
+    batch = _poison_outside_windows(_batch([_ids_for(*pair) for pair in pairs], length), seed)
+    reference, vectorised = _both(batch)
+    assert torch.isfinite(vectorised.loss) and vectorised.loss.item() == pytest.approx(reference.loss.item(), abs=1e-12)
+    torch.testing.assert_close(vectorised.chosen_scores, reference.chosen_scores, equal_nan=True)
+    torch.testing.assert_close(vectorised.rejected_scores, reference.rejected_scores, equal_nan=True)
+    values = (batch["chosen_values"], batch["rejected_values"])
+    for a, b in zip(torch.autograd.grad(reference.loss, values), torch.autograd.grad(vectorised.loss, values)):
+        assert torch.isfinite(b).all()
+        assert torch.equal(a, b)  # float64: bit for bit
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_nan_padding_and_huge_margins_in_low_precision(dtype):
+    batch = tl.random_pair_batch(8, 24, vocab=4, seed=2, requires_grad=False)
+    for gap in (1.0, 1e4):  # 1e4: every window term is 0 (sigma(1e4) = 1), the sums take the masked form
+        batch["chosen_values"] = torch.full((8, 24), gap, dtype=dtype).requires_grad_()
+        batch["rejected_values"] = torch.zeros(8, 24, dtype=dtype).requires_grad_()
+        _poison_outside_windows(batch, seed=0)
+        reference, vectorised = _both(batch)
+        assert vectorised.loss.float().item() == pytest.approx(reference.loss.float().item(), rel=1e-2, abs=1e-3)
+        values = (batch["chosen_values"], batch["rejected_values"])
+        for a, b in zip(torch.autograd.grad(reference.loss, values), torch.autograd.grad(vectorised.loss, values)):
+            assert torch.isfinite(b).all() and torch.equal(torch.isfinite(a), torch.isfinite(b))
+            torch.testing.assert_close(b.float(), a.float(), rtol=1e-2, atol=1e-4)
+
+
+def test_empty_batch_is_one_clear_error_in_both():
+    # Issue 17: the vectorised loss returned NaN (a mean over no pairs) and the loop raised a bare
+    # RuntimeError from torch.stack([]).
+    empty = {key: value[:0] for key, value in _batch([([1, 2], [1, 3])], 3).items()}
+    for loss_fn in (tl.token_level_pairwise_loss, tl.token_level_pairwise_loss_reference):
+        with pytest.raises(ValueError, match=r"empty batch \(inputs of shape \(0, 3\)\)"):
+            loss_fn(**empty)
+
+
+def test_negative_ids_take_the_general_path():
+    # A real id of -1 looks like padding to _real_ids; the fast divergence search assumes ids >= 0 and hands
+    # such batches to divergence_windows, so the two implementations still agree.
+    batch = _batch([([5, -1, 7], [5]), ([2, 3], [2, 4]), ([-1, -1], [-1, -1])], 4)
+    divergence, end, _ = tl.divergence_windows(
+        batch["chosen_ids"], batch["rejected_ids"], batch["chosen_mask"], batch["rejected_mask"]
+    )
+    assert divergence.tolist() == [2, 1, 1] and end.tolist() == [3, 2, 2]
+    _assert_same(batch)
+
+
+def test_vectorised_gradients_equal_the_loops_bit_for_bit_in_float32():
+    # Notebook 03 prints "|loss difference| 0.0e+00, max |gradient difference| 0.0e+00" for this batch.
+    batch = tl.random_pair_batch(batch=64, length=128, seed=0)
+    reference, vectorised = _both(batch)
+    assert torch.equal(reference.loss, vectorised.loss)
+    for key in ("chosen_values", "rejected_values"):
+        (a,) = torch.autograd.grad(reference.loss, batch[key], retain_graph=True)
+        (b,) = torch.autograd.grad(vectorised.loss, batch[key], retain_graph=True)
+        assert torch.equal(a, b)
+
+
+class _CountTorchCalls(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_vectorised_loss_makes_the_same_torch_calls_at_any_batch_size():
+    # Its speed comes from a fixed number of whole-batch operations (no loop over pairs): count them.
+    counts = {}
+    for loss_fn in (tl.token_level_pairwise_loss, tl.token_level_pairwise_loss_reference):
+        for size in (2, 32):
+            batch = tl.random_pair_batch(size, 64, seed=size)
+            with _CountTorchCalls() as counter:
+                loss_fn(**batch)
+            counts[loss_fn.__name__, size] = counter.calls
+    assert counts["token_level_pairwise_loss", 2] == counts["token_level_pairwise_loss", 32] < 100
+    assert counts["token_level_pairwise_loss_reference", 32] > 10 * counts["token_level_pairwise_loss", 32]
 
 
 def test_loss_trains_values_apart():

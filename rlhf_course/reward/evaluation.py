@@ -17,16 +17,27 @@ import torch
 
 from rlhf_course.core.text import batched_forward
 
-# Reference figures reported by the seeds (full profile, on the hub data sets).
+# Reference figures reported by the seeds (full profile, on the hub data sets): held-out accuracy,
+# DeepSpeed-Chat step 2's mean chosen / rejected scores (its evaluation log), and ColossalAI's
+# ``dist``, the mean margin r_chosen - r_rejected its reward-model trainer logs.  None: not reported.
 SEED_REFERENCES = [
-    {"run": "ColossalAI (Coati) bloom-560m reward model", "data": "Anthropic/hh-rlhf", "accuracy": 0.619},
-    {"run": "DeepSpeed-Chat step 2 reward model", "data": "the seed's step-2 data (hh-rlhf family)", "accuracy": 0.79},
+    {"run": "ColossalAI (Coati) bloom-560m reward model", "data": "Anthropic/hh-rlhf", "accuracy": 0.619,
+     "chosen_mean": None, "rejected_mean": None, "margin_mean": 0.38},
+    {"run": "DeepSpeed-Chat step 2 reward model", "data": "the seed's step-2 data (hh-rlhf family)", "accuracy": 0.79,
+     "chosen_mean": 5.0, "rejected_mean": 0.7, "margin_mean": 4.3},
 ]
+REFERENCE_COLUMNS = ["profile", "run", "data", "accuracy", "chosen_mean", "rejected_mean", "margin_mean"]
 
 
 def score_texts(model, tokenizer, texts, batch_size: int = 32, max_length: int | None = None,
                 progress: bool = False) -> torch.Tensor:
-    """Scalar reward for each text (the tokenizer's padding side; the head reads the last real token)."""
+    """Scalar reward for each text, read at its last token (the tokenizer's padding side).
+
+    The reward models of ``rlhf_course.reward.training`` are trained on ``prompt + reply`` with no
+    eos appended and a pad token distinct from eos, so transformers' read-out ("the last id that is
+    not the pad id") is the last real token, as in training.  A text longer than ``max_length``
+    tokens is cut, as in training.
+    """
     return batched_forward(model, tokenizer, texts, lambda out: out.logits.squeeze(-1).float(), batch_size, max_length,
                            progress)
 
@@ -104,10 +115,14 @@ def best_and_worst(scored: pd.DataFrame, k: int = 3, width: int = 70) -> pd.Data
 
 
 def reference_table(laptop_rows: list[dict]) -> pd.DataFrame:
-    """The laptop runs' figures (computed now) beside the seeds' full-profile references."""
+    """The laptop runs' figures (computed now) beside the seeds' full-profile references.
+
+    Columns ``REFERENCE_COLUMNS``: accuracy, mean chosen and rejected score (DeepSpeed-Chat's log) and
+    the mean margin (ColossalAI's ``dist``); a figure a row does not have is left empty.
+    """
     rows = [{"profile": "laptop (this run)", **row} for row in laptop_rows]
     rows += [{"profile": "full (seed's report)", **row} for row in SEED_REFERENCES]
-    return pd.DataFrame(rows, columns=["profile", "run", "data", "accuracy"])
+    return pd.DataFrame(rows, columns=REFERENCE_COLUMNS)
 
 
 def plot_margins(scored_by_name: dict, ax=None, bins: int = 30):

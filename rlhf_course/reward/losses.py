@@ -21,11 +21,18 @@ Numerics: ``-log(sigmoid(x))`` evaluated literally underflows ``sigmoid(x)`` to 
 ``x`` (about -88 in fp32, -17 in fp16) and returns ``inf`` with a ``NaN`` gradient.  The stable forms
 below use ``F.logsigmoid`` / ``F.softplus``, which never form ``sigmoid(x)`` first.
 ``naive_log_sig_loss`` keeps the unstable form on purpose, for notebook 01 to show the failure.
+
+Checks: the reward functions raise ``ValueError`` when the rewards (or the margin) they are given contain
+NaN or +-inf, which only a diverged or overflowed reward model produces; ``check_finite=False`` skips that
+check (the naive loss *returning* inf from finite rewards is not affected).  A margin is ``None``, a number
+or a tensor of the rewards' shape, nothing that would broadcast into a different shape.
+``pairwise_accuracy`` always refuses NaN: a NaN reward is neither higher nor lower.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Sequence
 
 import torch
@@ -46,7 +53,7 @@ __all__ = [
 ]
 
 
-def _check_pair(chosen: torch.Tensor, rejected: torch.Tensor) -> None:
+def _check_pair(chosen: torch.Tensor, rejected: torch.Tensor, check_finite: bool = True) -> None:
     if chosen.shape != rejected.shape:
         raise ValueError(
             f"chosen rewards have shape {tuple(chosen.shape)} but rejected rewards have shape "
@@ -54,53 +61,105 @@ def _check_pair(chosen: torch.Tensor, rejected: torch.Tensor) -> None:
         )
     if chosen.numel() == 0:
         raise ValueError("got an empty batch of rewards; pass at least one chosen/rejected pair.")
+    if check_finite:
+        _check_finite(**{"chosen rewards": chosen, "rejected rewards": rejected})
 
 
-def _margin_like(margin, reference: torch.Tensor) -> torch.Tensor | float:
+def _check_finite(**named: torch.Tensor) -> None:
+    """Raise on NaN or +-inf in any of the named tensors, saying where and how many."""
+    for label, tensor in named.items():
+        finite = torch.isfinite(tensor)
+        if bool(finite.all()):
+            continue
+        bad = ~finite
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        first = first[0] if len(first) == 1 else first
+        nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+        raise ValueError(
+            f"{label} must be finite, got {nan} NaN and {inf} inf among {tensor.numel()} values (first at index "
+            f"{first}: {tensor[bad][0].item()}). A reward model emitting these has diverged or overflowed (fp16?); "
+            "check its outputs, or pass check_finite=False to compute anyway."
+        )
+
+
+def _margin_like(margin, reference: torch.Tensor, check_finite: bool = True) -> torch.Tensor | float:
+    """``margin`` as something to subtract from the rewards: None -> 0, a number, or a tensor of their shape."""
     if margin is None:
         return 0.0
-    if isinstance(margin, torch.Tensor):
-        return margin.to(dtype=reference.dtype, device=reference.device)
-    return float(margin)
+    if isinstance(margin, (int, float)) and not isinstance(margin, bool):
+        value = float(margin)
+        if check_finite and not math.isfinite(value):
+            raise ValueError(f"margin is {value}; pass a finite margin, or check_finite=False to compute anyway.")
+        return value
+    margin = torch.as_tensor(margin)
+    if margin.dim() != 0 and margin.shape != reference.shape:
+        raise ValueError(
+            f"margin has shape {tuple(margin.shape)} but the rewards have shape {tuple(reference.shape)}; pass a "
+            "scalar or one margin per pair (the rewards' shape): a broadcast would compare every pair's rewards "
+            "with every other pair's margin."
+        )
+    if check_finite:
+        _check_finite(margin=margin)
+    return margin.to(dtype=reference.dtype, device=reference.device)
 
 
-def log_sig_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin=None) -> torch.Tensor:
+def log_sig_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin=None, check_finite: bool = True) -> torch.Tensor:
     """Mean of ``-log sigma(r_chosen - r_rejected - margin)`` (InstructGPT; margin as in Llama 2).
 
-    ``margin`` may be ``None``, a number, or a tensor broadcastable to the rewards.  Stable at any
-    margin and in fp32/fp16/bf16: ``F.logsigmoid`` never forms ``sigmoid(x)``, so it cannot underflow.
+    ``margin`` may be ``None``, a number, or a tensor of the rewards' shape (or a 0-d tensor).  Stable at
+    any margin and in fp32/fp16/bf16: ``F.logsigmoid`` never forms ``sigmoid(x)``, so it cannot underflow.
+    NaN/inf rewards or margins raise ``ValueError`` unless ``check_finite=False``.
     """
-    _check_pair(chosen, rejected)
-    difference = chosen - rejected - _margin_like(margin, chosen)
+    _check_pair(chosen, rejected, check_finite)
+    difference = chosen - rejected - _margin_like(margin, chosen, check_finite)
     return -F.logsigmoid(difference).mean()
 
 
-def log_exp_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin=None) -> torch.Tensor:
+def log_exp_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin=None, check_finite: bool = True) -> torch.Tensor:
     """Mean of ``log(1 + exp(r_rejected - r_chosen + margin))`` (Anthropic, arXiv 2204.05862).
 
     Algebraically identical to :func:`log_sig_loss`: ``-log sigma(x) = log(1 + exp(-x))``.
     ``F.softplus`` switches to the identity for large arguments, so ``exp`` never overflows.
+    ``margin`` and ``check_finite`` as in :func:`log_sig_loss`.
     """
-    _check_pair(chosen, rejected)
-    difference = chosen - rejected - _margin_like(margin, chosen)
+    _check_pair(chosen, rejected, check_finite)
+    difference = chosen - rejected - _margin_like(margin, chosen, check_finite)
     return F.softplus(-difference).mean()
 
 
-def naive_log_sig_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin=None) -> torch.Tensor:
+def naive_log_sig_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin=None,
+                       check_finite: bool = True) -> torch.Tensor:
     """The UNSTABLE literal form ``-log(sigmoid(x)).mean()`` found in one seed.  Do not train with it.
 
     ``sigmoid(x)`` underflows to exactly 0 once ``x`` is very negative, ``log(0) = -inf``, the loss
     is ``inf`` and its gradient ``NaN`` (0 * inf in the backward pass).  Kept for notebook 01.
+    ``check_finite`` checks the *inputs* only: finite rewards that make this loss inf are the point.
     """
-    _check_pair(chosen, rejected)
-    difference = chosen - rejected - _margin_like(margin, chosen)
+    _check_pair(chosen, rejected, check_finite)
+    difference = chosen - rejected - _margin_like(margin, chosen, check_finite)
     return -torch.log(torch.sigmoid(difference)).mean()
 
 
-def pairwise_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
-    """Fraction of pairs where the chosen response gets the strictly higher reward."""
-    _check_pair(chosen, rejected)
+def pairwise_accuracy(chosen: torch.Tensor, rejected: torch.Tensor, check_finite: bool = True) -> float:
+    """Fraction of pairs where the chosen response gets the strictly higher reward.
+
+    NaN rewards always raise ``ValueError`` (a NaN is neither higher nor lower, so it would count as a
+    loss without a word); +-inf raise too unless ``check_finite=False`` (they still compare).
+    """
+    _check_pair(chosen, rejected, check_finite)
+    if not check_finite:
+        _check_not_nan(chosen=chosen, rejected=rejected)
     return (chosen > rejected).float().mean().item()
+
+
+def _check_not_nan(**named: torch.Tensor) -> None:
+    for name, tensor in named.items():
+        if bool(torch.isnan(tensor).any()):
+            first = int(torch.isnan(tensor.reshape(-1)).nonzero()[0])
+            raise ValueError(
+                f"{name} rewards contain {int(torch.isnan(tensor).sum())} NaN (first at flat index {first}); "
+                "a NaN reward has no order, so there is no accuracy to report."
+            )
 
 
 def kwise_pairs(ranks: Sequence[int] | torch.Tensor) -> list[tuple[int, int]]:
@@ -113,7 +172,8 @@ def kwise_pairs(ranks: Sequence[int] | torch.Tensor) -> list[tuple[int, int]]:
     ]
 
 
-def kwise_ranking_loss(rewards: torch.Tensor, ranks: torch.Tensor | None = None) -> torch.Tensor:
+def kwise_ranking_loss(rewards: torch.Tensor, ranks: torch.Tensor | None = None,
+                       check_finite: bool = True) -> torch.Tensor:
     """InstructGPT's K-wise loss: ``-1/C(K,2) * sum over pairs of log sigma(r_better - r_worse)``.
 
     ``rewards``: ``(batch, K)``, the rewards of K responses to one prompt per row.
@@ -121,11 +181,14 @@ def kwise_ranking_loss(rewards: torch.Tensor, ranks: torch.Tensor | None = None)
     best to worst.  Equal ranks (ties) give no comparison.  Each prompt's comparisons are averaged
     first and then averaged over prompts: InstructGPT puts all C(K,2) comparisons of one prompt in
     one batch element, because treating them as independent samples over-fits (section 3.5).
+    NaN/inf rewards raise ``ValueError`` unless ``check_finite=False``.
     """
     if rewards.dim() != 2 or rewards.shape[1] < 2:
         raise ValueError(
             f"rewards must have shape (batch, K) with K >= 2 responses per prompt, got {tuple(rewards.shape)}."
         )
+    if check_finite:
+        _check_finite(**{"rewards": rewards})
     batch, k = rewards.shape
     if ranks is None:
         ranks = torch.arange(k, device=rewards.device).expand(batch, k)
@@ -144,13 +207,15 @@ def kwise_ranking_loss(rewards: torch.Tensor, ranks: torch.Tensor | None = None)
     return (per_pair.sum(dim=1) / pairs_per_prompt).mean()
 
 
-def reward_centering_loss(chosen: torch.Tensor, rejected: torch.Tensor, coefficient: float = 0.01) -> torch.Tensor:
+def reward_centering_loss(chosen: torch.Tensor, rejected: torch.Tensor, coefficient: float = 0.01,
+                          check_finite: bool = True) -> torch.Tensor:
     """Auxiliary term ``coefficient * mean((r_chosen + r_rejected)^2)`` (Eisenstein et al. 2023; TRL).
 
     The pairwise loss only sees differences, so adding a constant to every reward changes nothing
     and rewards can drift; this term pins the mean reward of each pair near 0.
+    NaN/inf rewards raise ``ValueError`` unless ``check_finite=False``.
     """
-    _check_pair(chosen, rejected)
+    _check_pair(chosen, rejected, check_finite)
     return coefficient * ((chosen + rejected) ** 2).mean()
 
 

@@ -21,9 +21,11 @@ that window at the padded length instead).  The seeds
 sequence, so it includes padding positions of the shorter one: that is the seeds' behaviour, kept.
 
 ``token_level_pairwise_loss_reference`` is the per-pair Python loop; ``token_level_pairwise_loss`` is
-the same computation with no loop over the batch.  ``benchmark`` times both (``python -m
-rlhf_course.bench token_loss``).  ``movie_preference_pairs`` builds shared-prefix pairs from real
-Rotten Tomatoes snippets for notebook 03.
+the same computation with no loop over the batch: the same values (to rounding) and the same gradients
+(bit for bit in fp32/fp64; fp16/bf16 are accumulated in fp32), whatever sits outside the windows: NaN or
+inf in the padding never reaches its arithmetic.  Both raise ``ValueError`` on an empty batch.
+``python -m rlhf_course.bench token_loss`` times both.  ``movie_preference_pairs`` builds shared-prefix
+pairs from real Rotten Tomatoes snippets for notebook 03.
 """
 
 from __future__ import annotations

@@ -1,9 +1,16 @@
 """Training a reward model with LoRA, two ways: TRL's ``RewardTrainer`` and the seed's own Trainer.
 
 A reward model here is a causal LM with a scalar head, ``AutoModelForSequenceClassification(
-num_labels=1)``: the head reads the hidden state of the last non-pad token (InstructGPT, Ouyang et
-al. 2022; DeepSpeed-Chat step 2 reads the same position).  It is trained on pairs with the
-pairwise loss ``-log sigma(r_chosen - r_rejected)`` (``rlhf_course.reward.losses.log_sig_loss``).
+num_labels=1)``: the head reads the hidden state of the last token of ``prompt + reply``, the
+position that has attended to the whole text (InstructGPT, Ouyang et al. 2022, and DeepSpeed-Chat
+step 2 read the last token too, there an appended end-of-text token).  transformers finds that
+token as "the last id that is not ``pad_token_id``", so the pad token must differ from eos
+(``load_tokenizer`` sees to it; SmolLM2 and GPT-2 ship with pad == eos, notebook 02's trap, which
+skips a real final eos).  No eos is appended, in any trainer (TRL would append one to text, so it
+gets token ids, ``tokenize_for_trl``) or in scoring (``rlhf_course.reward.evaluation.score_texts``):
+on the laptop budget an appended eos is a position whose hidden state says little about the reply
+(notebook 05, section 5.3).  It is trained on pairs with the pairwise loss
+``-log sigma(r_chosen - r_rejected)`` (``rlhf_course.reward.losses.log_sig_loss``).
 
 * The library way: ``trl.RewardTrainer`` (TRL 1.16) with a PEFT ``LoraConfig``.
 * The hand-written way of the Qwen2 LoRA seed (itself following TRL's StackLLaMA reward script):
@@ -19,19 +26,21 @@ pairwise loss ``-log sigma(r_chosen - r_rejected)`` (``rlhf_course.reward.losses
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from rlhf_course.reward.data import LANGUAGES
 from rlhf_course.reward.losses import log_sig_loss
 from rlhf_course.core.config import (FLAG, MAPPING, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, Check,
-                                     ProfileConfig, integer, number, one_of, tuple_of)
+                                     ProfileConfig, integer, number, one_of, resolve_profile, tuple_of)
 from rlhf_course.core.profiles import PROFILES, require_hub
 
 # Short names for the base models; the full-profile ones are the seeds' hub ids.
@@ -55,6 +64,12 @@ LAPTOP_OVERRIDES = dict(
     gradient_accumulation_steps=1, learning_rate=1e-3, warmup_ratio=0.0, lora_last_layers=10,
     load_in_4bit=False, logging_steps=4,
 )
+# Laptop values that depend on the language, applied after LAPTOP_OVERRIDES (and before the settings
+# you pass): what the bilingual model needs to learn Chinese on SmolLM2 (notebook 05, section 5.3).
+LAPTOP_LANGUAGE_OVERRIDES = {
+    "zh": dict(),
+    "bilingual": dict(),
+}
 TRAINERS = ("trl", "pairwise")
 # transformers' lr_scheduler_type values that need no extra arguments (cosine_with_min_lr needs a
 # min_lr, reduce_lr_on_plateau an evaluation, ...): the ones a reward run can use as they are.
@@ -88,6 +103,7 @@ class RewardTrainingConfig(ProfileConfig):
         "lora_targets": tuple_of(Check(lambda v: isinstance(v, str) and bool(v), "a module name"),
                                  "module names").or_none("by architecture, LORA_TARGETS"),
         "lora_last_layers": POSITIVE_INT.or_none("all layers"), "load_in_4bit": FLAG, "seed": SEED,
+        "held_out_every": POSITIVE_INT.or_none("only after training"), "held_out_pairs": POSITIVE_INT,
         "extra": MAPPING,
     }
 
@@ -116,9 +132,22 @@ class RewardTrainingConfig(ProfileConfig):
     load_in_4bit: bool = field(default=True, metadata={
         "help": "QLoRA-style 4-bit base weights (needs CUDA and bitsandbytes; skipped with a note otherwise)"})
     logging_steps: int = field(default=20, metadata={"help": "log loss and accuracy every N steps"})
+    held_out_every: int | None = field(default=None, metadata={
+        "help": "score held-out pairs every N steps, for learning curves (None: only after training)"})
+    held_out_pairs: int = field(default=64, metadata={
+        "help": "held-out pairs scored for the learning curves (the first N of the test split)"})
     seed: int = field(default=0, metadata={"help": "seed of the data split, the head's initialisation and the batches"})
     extra: dict = field(default_factory=dict, metadata={
         "help": "anything else, recorded with the model (JSON on the command line)"})
+
+    @classmethod
+    def for_profile(cls, profile=None, **overrides):
+        """The defaults, then the profile's overrides (laptop: ``LAPTOP_OVERRIDES``, then
+        ``LAPTOP_LANGUAGE_OVERRIDES`` of the language asked for), then ``overrides``; validated."""
+        if resolve_profile(profile).is_laptop:
+            language = overrides.get("language", cls.__dataclass_fields__["language"].default)
+            overrides = {**LAPTOP_LANGUAGE_OVERRIDES.get(language, {}), **overrides}
+        return super().for_profile(profile, **overrides)
 
     def validate(self) -> None:
         super().validate()  # one rule per field (field_checks); no relations between fields to check
@@ -156,13 +185,64 @@ def base_model_source(name: str) -> str:
     return BASE_MODELS[name]
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """Load and wrap models without the noise: transformers' and datasets' progress bars, the
+    transformers load report (terminal colour codes and the absolute cache path; ``load_reward_base``
+    says what matters in one line), and the FutureWarning PEFT and TRL trigger by reading
+    ``model.is_gradient_checkpointing`` (renamed ``is_activation_checkpointing`` in transformers 5.23).
+    Everything is restored on exit."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars, data_bars = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(),
+                                  datasets.is_progress_bar_enabled())
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+        if data_bars:
+            datasets.enable_progress_bars()
+
+
+PAD_TOKEN = "<|pad|>"  # added only when the tokenizer has no special token to spare
+
+
+def give_distinct_pad_token(tokenizer) -> str:
+    """Make ``tokenizer.pad_token`` differ from its eos token; returns what was done, in words.
+
+    transformers' ``*ForSequenceClassification`` reads the last position whose id is not
+    ``pad_token_id``.  With pad == eos (SmolLM2-Instruct's ``<|im_end|>``, GPT-2's ``<|endoftext|>``)
+    a text that ends with a real eos (TRL appends one; a chat template closes every turn with one)
+    is read one token early: the eos counts as padding (notebook 02, "the pad == eos trap").  With a
+    pad of its own, the rule finds the last real token, what the attention mask says.  The pad is
+    the unknown token when it is a distinct special token (SmolLM2's ``<|endoftext|>``, which never
+    occurs in text), else a new ``<|pad|>`` token (``load_reward_base`` then grows the embedding
+    table by one row; padding is never attended to).
+    """
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return f"pad token {tokenizer.pad_token!r} differs from eos: kept"
+    before = tokenizer.pad_token
+    if tokenizer.unk_token is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+        tokenizer.pad_token = tokenizer.unk_token
+    else:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    return f"pad token {before!r} was eos: now {tokenizer.pad_token!r} (id {tokenizer.pad_token_id})"
+
+
 def load_tokenizer(name: str):
-    """The base model's tokenizer, right-padded, with a pad token (eos when it has none)."""
+    """The base model's tokenizer, right-padded, with a pad token distinct from eos (``give_distinct_pad_token``)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_model_source(name))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    give_distinct_pad_token(tokenizer)
     tokenizer.padding_side = "right"
     return tokenizer
 
@@ -170,8 +250,9 @@ def load_tokenizer(name: str):
 def load_reward_base(name: str, tokenizer, load_in_4bit: bool = False, verbose: bool = True):
     """``AutoModelForSequenceClassification(num_labels=1)`` on the base LM, ``pad_token_id`` set.
 
-    The head reads the last token that is not ``pad_token_id``; without it set, a batch of more
-    than one sequence fails, and with pad == eos (SmolLM2, GPT-2) an appended eos is skipped.
+    The head reads the last token that is not ``pad_token_id``: without it set, a batch of more
+    than one sequence fails; ``tokenizer`` must come from ``load_tokenizer`` (pad != eos), so that
+    the token read is the last real token of each text.
     """
     from transformers import AutoModelForSequenceClassification
 
@@ -188,8 +269,18 @@ def load_reward_base(name: str, tokenizer, load_in_4bit: bool = False, verbose: 
             load_in_4bit = False
             if verbose:
                 print(f"Note: 4-bit loading skipped ({why_not}); loading full-precision weights instead.")
-    model = AutoModelForSequenceClassification.from_pretrained(base_model_source(name), **kwargs)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ValueError("the pad token equals eos (or is missing): a text ending with eos would be read one token "
+                         "early; load the tokenizer with load_tokenizer (or call give_distinct_pad_token)")
+    with quiet_loading():
+        model = AutoModelForSequenceClassification.from_pretrained(base_model_source(name), **kwargs)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # a <|pad|> token was added
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # padding is never attended to
     model.config.pad_token_id = tokenizer.pad_token_id
+    if verbose:
+        print(f"{model.__class__.__name__} from {name}: the score head ({model.score.in_features} -> 1) is new, "
+              f"initialised at random (the checkpoint has no such weights); pad {tokenizer.pad_token!r} "
+              f"!= eos {tokenizer.eos_token!r}, so the head reads each text's last real token")
     if load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
@@ -268,7 +359,8 @@ def add_length_column(dataset, name: str = "length"):
     ``length`` column (``TrainingArguments.length_column_name``); pairwise data has no
     ``input_ids``, only ``input_ids_j``/``input_ids_k``, so it cannot measure anything.
     """
-    return dataset.map(lambda row: {name: max(len(row["input_ids_j"]), len(row["input_ids_k"]))})
+    with quiet_loading():  # no progress bar for a map over a few hundred rows
+        return dataset.map(lambda row: {name: max(len(row["input_ids_j"]), len(row["input_ids_k"]))})
 
 
 def _common_args(config: RewardTrainingConfig, output_dir) -> dict:
@@ -302,12 +394,13 @@ def pairwise_trainer(model, tokenizer, train_dataset, config: RewardTrainingConf
     """The hand-written way: a LoRA model (wrapped here) and a j/k-tokenised data set."""
     from peft import PeftModel, get_peft_model
 
-    if not isinstance(model, PeftModel):
-        model = get_peft_model(model, lora_config(config, model))
-    return PairwiseRewardTrainer(
-        model=model, args=pairwise_training_args(config, output_dir, **overrides),
-        train_dataset=train_dataset, data_collator=PairwiseRewardCollator(tokenizer),
-        processing_class=tokenizer)
+    with quiet_loading():
+        if not isinstance(model, PeftModel):
+            model = get_peft_model(model, lora_config(config, model))
+        return PairwiseRewardTrainer(
+            model=model, args=pairwise_training_args(config, output_dir, **overrides),
+            train_dataset=train_dataset, data_collator=PairwiseRewardCollator(tokenizer),
+            processing_class=tokenizer)
 
 
 # ----------------------------------------------------------------------------- the library way
@@ -324,24 +417,74 @@ def trl_reward_config(config: RewardTrainingConfig, output_dir, **overrides):
     return RewardConfig(**args)
 
 
-def trl_trainer(model, tokenizer, train_dataset, config: RewardTrainingConfig, output_dir, **overrides):
-    """The library way: TRL's RewardTrainer on ``prompt``/``chosen``/``rejected`` text columns.
+def tokenize_for_trl(dataset, tokenizer):
+    """``chosen_ids``/``rejected_ids``: ``prompt + chosen`` and ``prompt + rejected`` as token ids, no eos.
 
-    TRL appends eos, tokenises ``prompt + chosen`` and ``prompt + rejected``, drops pairs longer
-    than ``max_length``, and wraps the model with ``peft_config``.
+    Given text, TRL's ``RewardTrainer`` appends eos to every reply; given these columns it uses the
+    ids as they are.  The course's reward models are read at the last token of prompt + reply, the
+    same position in every trainer and in ``evaluation.score_texts`` (notebook 04, section 4.4).
+    """
+    def tokenize(row):
+        return {side + "_ids": tokenizer(row["prompt"] + row[side])["input_ids"] for side in ("chosen", "rejected")}
+
+    with quiet_loading():
+        return dataset.map(tokenize, remove_columns=dataset.column_names)
+
+
+def trl_trainer(model, tokenizer, train_dataset, config: RewardTrainingConfig, output_dir, **overrides):
+    """The library way: TRL's RewardTrainer on a ``prompt``/``chosen``/``rejected`` data set.
+
+    The text is tokenised here without eos (``tokenize_for_trl``); TRL drops pairs longer than
+    ``max_length``, pads, and wraps the model with ``peft_config``.
     """
     from trl import RewardTrainer
 
-    columns = [c for c in train_dataset.column_names if c not in ("prompt", "chosen", "rejected")]
-    return RewardTrainer(
-        model=model, args=trl_reward_config(config, output_dir, **overrides),
-        train_dataset=train_dataset.remove_columns(columns), processing_class=tokenizer,
-        peft_config=lora_config(config, model))
+    with quiet_loading():
+        return RewardTrainer(
+            model=model, args=trl_reward_config(config, output_dir, **overrides),
+            train_dataset=tokenize_for_trl(train_dataset, tokenizer), processing_class=tokenizer,
+            peft_config=lora_config(config, model))
 
 
 def training_log(trainer) -> list[dict]:
     """The loss/accuracy lines the Trainer logged, without the final summary line."""
     return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+class HeldOutCurve(TrainerCallback):
+    """Held-out pairwise loss and accuracy during training: before the first step, every ``every``
+    steps and after the last, on the pairs of ``frame`` (``prompt``/``chosen``/``rejected``, and
+    ``language`` for an accuracy per language).  Rows go to ``self.log``; only the main process
+    scores (no collective calls, so the other processes simply go on)."""
+
+    def __init__(self, tokenizer, frame, every: int, max_length: int | None = None, batch_size: int = 32):
+        self.tokenizer, self.frame, self.every = tokenizer, frame, every
+        self.max_length, self.batch_size = max_length, batch_size
+        self.log: list[dict] = []
+
+    def _score(self, model, step: int) -> None:
+        from rlhf_course.reward.evaluation import score_pairs
+
+        was_training = model.training
+        scored = score_pairs(model, self.tokenizer, self.frame, self.batch_size, self.max_length)
+        if was_training:
+            model.train()
+        margin = torch.tensor(scored["margin"].to_numpy())
+        row = {"step": step, "held_out_loss": float(-torch.nn.functional.logsigmoid(margin).mean()),
+               "held_out_accuracy": float(scored["correct"].mean())}
+        if "language" in scored and scored["language"].nunique() > 1:
+            row.update({f"held_out_accuracy_{language}": float(group.mean())
+                        for language, group in scored.groupby("language")["correct"]})
+        self.log.append(row)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if state.is_world_process_zero and state.global_step == 0:
+            self._score(model, 0)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.is_world_process_zero and (state.global_step % self.every == 0
+                                            or state.global_step == state.max_steps):
+            self._score(model, state.global_step)
 
 
 # ----------------------------------------------------------------------------- save and reload
@@ -375,9 +518,11 @@ def load_reward_model(folder, merge: bool = True):
 
     card = read_model_card(folder)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    give_distinct_pad_token(tokenizer)  # saved by save_reward_model with its distinct pad: kept
     tokenizer.padding_side = "right"
     base = load_reward_base(card["base_model"], tokenizer, load_in_4bit=False, verbose=False)
-    model = PeftModel.from_pretrained(base, str(folder))
+    with quiet_loading():
+        model = PeftModel.from_pretrained(base, str(folder))
     if merge:
         model = model.merge_and_unload()
     model.config.pad_token_id = tokenizer.pad_token_id

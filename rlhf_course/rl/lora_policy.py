@@ -1,0 +1,163 @@
+"""PPO on a pretrained policy with LoRA: SmolLM2-135M (SFT) as actor, its own weights as reference.
+
+The course's PPO (``rlhf_course.rl.ppo``) takes a ``PolicyWithValueHead`` and a ``reference``
+module; this file builds both for a LoRA actor, without touching the PPO code:
+
+* **Actor**: the SFT policy (``policy.smollm2_sft``: SmolLM2-135M-Instruct with its SFT adapter
+  merged in) wrapped by PEFT with a *fresh* LoRA adapter (Hu et al. 2022), zero at the start (LoRA's
+  B matrix starts at 0), so the actor starts exactly at the SFT policy.  Only the adapter and the
+  value head are trained: ``train_ppo`` gives its optimizer the parameters that require a gradient.
+* **Reference**: ``AdapterDisabledReference``, a view of the *same* module run inside PEFT's
+  ``disable_adapter()`` context: the frozen SFT weights, with no second copy of the 540 MB model (the
+  7M policy's ``frozen_reference`` deep-copies; at 135M on a laptop the copy is memory and cache
+  traffic for nothing).  It is not a submodule of anything, so ``reference.parameters()`` is empty and
+  ``reference.eval()`` never touches the actor.
+* **Critic**: a value head (one linear layer, zero-initialised) on the actor's last hidden state,
+  as for the 7M policy (``PolicyWithValueHead``), i.e. a *shared trunk*: the value loss
+  (``vf_coef`` x) also moves the LoRA weights.  DeepSpeed-Chat trains a separate critic initialised
+  from the reward model instead: that keeps value gradients out of the actor and starts the critic
+  from a network that already reads sentiment.  It is not taken here for two reasons.  The reward
+  model is a MiniLM classifier with another tokenizer (WordPiece, not SmolLM2's BPE), so it cannot
+  give a value per *policy* token without re-tokenising every prefix; and a separate critic of
+  SmolLM2's size (a second LoRA on the same base, or a copy) doubles every forward and backward of
+  the step on a CPU, where the update already dominates.  With ``vf_coef`` 0.1 (TRL 0.x) and
+  whitened advantages the shared trunk works at this scale; a separate critic is the exercise.
+
+``SMOLLM2_PPO_OVERRIDES`` are the laptop settings found by the short sweep of issue 14 (notebook 07);
+``heldout_evaluation`` measures what that sweep reports: proxy reward, the gold judge (VADER, never
+trained against), KL to the reference per response and distinct-2, on held-out queries.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn as nn
+
+from rlhf_course.core.profiles import Profile
+from rlhf_course.policy.judge import mean_and_standard_error
+from rlhf_course.policy.smollm2_sft import LLAMA_LINEAR_MODULES, causal_lm_lora_config
+from rlhf_course.rl.ppo import PPOConfig, PolicyWithValueHead, forward_response, logprobs_of
+from rlhf_course.rl.sampling import RewardFn, generate_batch
+
+# The PPO adapter: rank 16 on the seven linear layers of every block (~4.9M trained parameters, 3.6%).
+PPO_LORA = dict(r=16, alpha=32.0, target_modules=LLAMA_LINEAR_MODULES, top_layers=0)
+
+# Laptop PPO settings for the pretrained policy (on top of PPOConfig's laptop profile); see issue 14's
+# sweep.  A pretrained LoRA actor needs a learning rate far above full fine-tuning's 1.41e-5 (LoRA's
+# update is scaled by alpha / r and starts at zero), and batches of 32 split into 2 mini-batches.
+SMOLLM2_PPO_OVERRIDES = dict(
+    steps=25, batch_size=32, mini_batch_size=16, ppo_epochs=2, forward_batch_size=32, learning_rate=5e-4,
+    init_kl_coef=0.1, adaptive_kl=True, kl_target=4.0, kl_horizon=1000, max_grad_norm=1.0,
+)
+
+
+def smollm2_ppo_config(profile: Profile | str | None = "laptop", **overrides) -> PPOConfig:
+    """``PPOConfig`` for PPO on the SmolLM2 LoRA policy: the profile's values, then
+    ``SMOLLM2_PPO_OVERRIDES``, then ``overrides``."""
+    return PPOConfig.for_profile(profile, **{**SMOLLM2_PPO_OVERRIDES, **overrides})
+
+
+class AdapterDisabledReference(nn.Module):
+    """The reference policy as a view of the actor: its forward runs the PEFT model with the adapter off.
+
+    Called like a causal LM (``reference(input_ids=..., attention_mask=..., position_ids=...,
+    logits_to_keep=...)``), as ``rl.ppo.forward_response`` calls the 7M policy's frozen copy.
+    """
+
+    def __init__(self, peft_model: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "peft_model", peft_model)  # a view, not a submodule: no parameters here
+
+    def forward(self, *args, **kwargs):
+        with self.peft_model.disable_adapter():
+            return self.peft_model(*args, **kwargs)
+
+
+def add_lora_adapter(lm: nn.Module, r: int = 16, alpha: float = 32.0, target_modules: str = LLAMA_LINEAR_MODULES,
+                     top_layers: int = 0, seed: int = 0):
+    """``lm`` wrapped by PEFT with a fresh LoRA adapter (B = 0: the wrapped model equals ``lm``); only
+    the adapter requires a gradient.  ``top_layers`` > 0 adapts only the top blocks."""
+    from peft import get_peft_model
+
+    n_layers = getattr(lm.config, "num_hidden_layers", None)
+    with torch.random.fork_rng():  # A's random init must not shift the caller's random draws
+        torch.manual_seed(seed)
+        return get_peft_model(lm, causal_lm_lora_config(r, alpha, target_modules, top_layers, n_layers))
+
+
+def lora_policy_and_reference(lm: nn.Module, **lora) -> tuple[PolicyWithValueHead, AdapterDisabledReference]:
+    """``(actor with value head, reference view)`` from a causal LM: LoRA actor, adapter-off reference."""
+    peft_model = add_lora_adapter(lm, **{**PPO_LORA, **lora})
+    return PolicyWithValueHead(peft_model), AdapterDisabledReference(peft_model)
+
+
+def load_smollm2_policy_and_reference(device: torch.device | str = "cpu", **lora):
+    """``(policy, reference, tokenizer)`` for PPO on SmolLM2-135M: the SFT asset ("sft-smollm2-lora",
+    built on first use) plus a fresh PPO adapter; a fresh start for one run."""
+    from rlhf_course.policy.smollm2_sft import load_smollm2_sft_policy
+
+    lm, tokenizer = load_smollm2_sft_policy(device)
+    policy, reference = lora_policy_and_reference(lm, **lora)
+    return policy, reference, tokenizer
+
+
+def trained_parameter_names(policy: nn.Module) -> list[str]:
+    """Names of the parameters PPO's optimizer moves (those that require a gradient)."""
+    return [name for name, parameter in policy.named_parameters() if parameter.requires_grad]
+
+
+@torch.no_grad()
+def heldout_evaluation(lm: nn.Module, tokenizer, reward_fn: RewardFn, judge, queries: list[list[int]],
+                       config: PPOConfig, reference: nn.Module | None = None, seed: int = 0,
+                       device: torch.device | str = "cpu", batch_size: int = 32) -> dict:
+    """Sample one response per held-out query and measure it.
+
+    Returns ``{"frame", "proxy", "proxy_se", "gold", "gold_se", "distinct_2", "length", "eos_fraction",
+    "kl", "kl_se"}``: the proxy reward (``reward_fn``, the one PPO maximises), the gold judge
+    (``judge(texts)``, e.g. ``policy.judge.GoldJudge``), distinct-2 of the responses (Li et al. 2016),
+    and, given the ``reference``, the KL to it per response (sum over tokens of log pi - log pi_ref on
+    the sampled tokens, the k1 estimate PPO penalises).  ``frame`` holds one row per query (paired
+    before/after differences: ``policy.judge.paired_gain``).  The same ``seed`` gives the same
+    sampling noise before and after training.
+    """
+    import pandas as pd
+
+    from rlhf_course.rl.tricks import repetition_stats
+
+    rng, was_training = random.Random(seed), lm.training
+    lm.eval()
+    rows = []
+    torch.manual_seed(seed)
+    for start in range(0, len(queries), batch_size):
+        query_ids, query_mask, response_ids, response_mask = generate_batch(
+            lm, queries[start:start + batch_size], tokenizer, config, rng, device)
+        query_texts = tokenizer.batch_decode(query_ids.masked_fill(query_mask == 0, tokenizer.pad_token_id),
+                                             skip_special_tokens=True)
+        response_texts = [tokenizer.decode(ids[m.bool()], skip_special_tokens=True)
+                          for ids, m in zip(response_ids, response_mask)]
+        lengths = response_mask.sum(1)
+        last = response_ids.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
+        kl = torch.full((len(query_texts),), float("nan"))
+        if reference is not None:
+            args = [t.to(device) for t in (query_ids, query_mask, response_ids, response_mask)]
+            position_ids = (torch.cat(args[1::2], 1).cumsum(-1) - 1).clamp(min=0)
+            logits = lm(input_ids=torch.cat(args[0::2], 1), attention_mask=torch.cat(args[1::2], 1),
+                        position_ids=position_ids, logits_to_keep=response_ids.shape[1] + 1).logits[:, :-1]
+            ref_logits, _ = forward_response(reference, *args, with_values=False)
+            mask = args[3].float()
+            kl = ((logprobs_of(logits, args[2]) - logprobs_of(ref_logits, args[2])) * mask).sum(1).cpu()
+        rows += [{"query": q, "response": r, "length": int(n), "ended": bool(t == tokenizer.eos_token_id),
+                  "kl": float(k)} for q, r, n, t, k in zip(query_texts, response_texts, lengths, last, kl)]
+    frame = pd.DataFrame(rows)
+    texts = [q + r for q, r in zip(frame["query"], frame["response"])]
+    frame["proxy"] = torch.as_tensor(reward_fn(texts)).float().numpy()
+    frame["gold"] = torch.as_tensor(judge(texts)).float().numpy()
+    lm.train(was_training)
+    proxy, proxy_se = mean_and_standard_error(frame["proxy"])
+    gold, gold_se = mean_and_standard_error(frame["gold"])
+    kl_mean, kl_se = mean_and_standard_error(frame["kl"])
+    return {"frame": frame, "proxy": proxy, "proxy_se": proxy_se, "gold": gold, "gold_se": gold_se,
+            "distinct_2": repetition_stats(list(frame["response"]))["distinct_2"], "length": frame["length"].mean(),
+            "eos_fraction": frame["ended"].mean(), "kl": kl_mean, "kl_se": kl_se}

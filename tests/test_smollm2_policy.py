@@ -1,0 +1,205 @@
+"""The pretrained (SmolLM2 + LoRA) policy path: SFT builder, LoRA actor / adapter-off reference, sampling
+with SmolLM2's tokenizer, the gold judge.  Tiny random Llama models with SmolLM2's vocabulary stand in
+for the 135M model, so the file runs in seconds."""
+
+import json
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from rlhf_course.core import assets
+from rlhf_course.policy import judge
+from rlhf_course.policy import smollm2_sft
+from rlhf_course.rl import lora_policy
+from rlhf_course.rl import ppo
+from rlhf_course.rl import sampling
+
+VOCAB = 49152  # SmolLM2's
+
+
+def tiny_llama(seed=0, layers=2):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return assets.smollm2_tokenizer()
+
+
+def length_reward(texts):
+    return torch.tensor([len(t) / 50 for t in texts])
+
+
+def config_for_tests(**overrides):
+    return lora_policy.smollm2_ppo_config("laptop", **{**dict(steps=1, batch_size=8, mini_batch_size=4,
+                                                                forward_batch_size=8, ppo_epochs=1), **overrides})
+
+
+# ----------------------------------------------------------------------------- the tokenizer
+
+
+def test_smollm2_tokenizer_pads_with_eos_and_adds_no_bos(tokenizer):
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token_id == tokenizer.eos_token_id == 2
+    assert tokenizer("A fine film.", add_special_tokens=False)["input_ids"][0] != tokenizer.bos_token_id
+    assert sampling.MAX_TOP_K >= len(tokenizer)
+
+
+# ----------------------------------------------------------------------------- LoRA actor, reference view
+
+
+def test_reference_with_the_adapter_disabled_gives_the_base_models_logits():
+    lm = tiny_llama()
+    ids = torch.randint(3, VOCAB, (2, 7))
+    with torch.no_grad():
+        base_logits = lm(input_ids=ids).logits.clone()
+    policy, reference = lora_policy.lora_policy_and_reference(lm)
+    with torch.no_grad():
+        assert torch.allclose(policy.lm(input_ids=ids).logits, base_logits, atol=1e-6)  # LoRA's B starts at 0
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)  # as if PPO had moved the adapter
+        moved = policy.lm(input_ids=ids).logits
+        referenced = reference(input_ids=ids).logits
+    assert not torch.allclose(moved, base_logits, atol=1e-3)
+    assert torch.allclose(referenced, base_logits, atol=1e-6)
+    assert torch.allclose(policy.lm(input_ids=ids).logits, moved)  # the adapter is back on after the view
+
+
+def test_reference_view_holds_no_parameters_and_never_switches_the_actors_mode():
+    policy, reference = lora_policy.lora_policy_and_reference(tiny_llama())
+    assert list(reference.parameters()) == [] and reference.state_dict() == {}
+    policy.train()
+    reference.eval()
+    assert policy.lm.training
+
+
+def test_only_lora_and_value_head_parameters_change_after_a_ppo_step(tokenizer):
+    policy, reference = lora_policy.lora_policy_and_reference(tiny_llama())
+    trained = set(lora_policy.trained_parameter_names(policy))
+    assert trained and all("lora_" in name or name.startswith("v_head.") for name in trained)
+    assert {"v_head.weight", "v_head.bias"} <= trained
+    before = {name: p.detach().clone() for name, p in policy.named_parameters()}
+    config = config_for_tests()
+    queries, _ = sampling.train_and_eval_queries(tokenizer, config, n_eval=8)
+    history = ppo.train_ppo(config, policy, reference, tokenizer, length_reward, queries, progress=False)
+    assert len(history) == 1 and history[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # B = 0: actor == reference
+    changed = {name for name, p in policy.named_parameters() if not torch.equal(p.detach(), before[name])}
+    assert changed and changed <= trained
+    assert any("lora_B" in name for name in changed) and "v_head.weight" in changed
+
+
+# ----------------------------------------------------------------------------- sampling with SmolLM2's tokenizer
+
+
+def test_left_padded_batch_generation_matches_one_query_at_a_time(tokenizer):
+    lm = tiny_llama(layers=1)
+    config = config_for_tests(temperature=0.0, force_max_length=True, response_min_tokens=5, response_max_tokens=6)
+    queries = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in
+               ("A", "The film is a quiet", "An utterly charming and")]
+    _, query_mask, batched, _ = sampling.generate_batch(lm, queries, tokenizer, config, random.Random(0))
+    assert query_mask[0].tolist()[:-1] == [0] * (query_mask.shape[1] - 1)  # left padding
+    for row, query in enumerate(queries):
+        _, _, alone, _ = sampling.generate_batch(lm, [query], tokenizer, config, random.Random(0))
+        assert batched[row].tolist() == alone[0].tolist()  # position ids count real tokens only
+        ids = torch.tensor([query])
+        hf = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=5,
+                         min_new_tokens=5, pad_token_id=tokenizer.pad_token_id)
+        assert hf[0, len(query):].tolist() == alone[0].tolist()
+
+
+class EndsAfter(torch.nn.Module):
+    """A causal LM that emits EOS as its ``n``-th token (its logits forced), for the stop test."""
+
+    def __init__(self, lm, eos_id, n):
+        super().__init__()
+        self.lm, self.eos_id, self.n, self.calls = lm, eos_id, n, 0
+
+    def forward(self, **kwargs):
+        out = self.lm(**kwargs)
+        self.calls += 1
+        if self.calls == self.n:
+            out.logits[:, -1, self.eos_id] = 1e4
+        return out
+
+
+def test_generation_with_the_smollm2_tokenizer_stops_at_eos(tokenizer):
+    config = config_for_tests(response_min_tokens=10, response_max_tokens=11)
+    queries = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("A fine", "The acting is")]
+    lm = EndsAfter(tiny_llama(layers=1), tokenizer.eos_token_id, n=3)
+    _, _, response_ids, response_mask = sampling.generate_batch(lm, queries, tokenizer, config, random.Random(0))
+    assert lm.calls == 3  # every row finished: the loop stopped, not at the 10-token budget
+    assert response_mask.sum(1).tolist() == [3, 3]
+    assert response_ids[:, 2].tolist() == [tokenizer.eos_token_id] * 2
+
+
+# ----------------------------------------------------------------------------- the SFT asset builder
+
+
+def test_encode_snippets_ends_each_snippet_with_eos_and_pad_batch_masks_padding(tokenizer):
+    sequences = smollm2_sft.encode_snippets(["A fine film.", "Dull."], tokenizer, max_tokens=80)
+    assert all(s[-1] == tokenizer.eos_token_id for s in sequences)
+    cut = smollm2_sft.encode_snippets(["word " * 50], tokenizer, max_tokens=10)[0]
+    assert len(cut) == 10 and cut[-1] != tokenizer.eos_token_id  # a cut snippet does not teach stopping
+    ids, mask, labels = smollm2_sft.pad_batch(sequences, tokenizer.pad_token_id)
+    assert mask.sum().item() == sum(len(s) for s in sequences)
+    assert (labels[mask == 0] == -100).all() and (labels[mask == 1] == ids[mask == 1]).all()
+
+
+def test_length_grouped_batches_cover_every_snippet_once():
+    sequences = [[0] * n for n in torch.randint(1, 50, (100,)).tolist()]
+    batches = smollm2_sft.length_grouped_batches(sequences, 8, torch.Generator().manual_seed(0), group=4)
+    flat = [i for batch in batches for i in batch]
+    assert sorted(flat) == list(range(100))
+
+
+def test_sft_builder_runs_on_a_tiny_slice_and_its_adapter_merges(tmp_path, tokenizer):
+    config = smollm2_sft.SmolLM2SFTConfig(steps=2, warmup_steps=1, batch_size=4, held_out=8, train_snippets=24,
+                                          n_samples=2, sample_tokens=4)
+    metrics = smollm2_sft.train_smollm2_sft(tmp_path, config, progress=False, base=tiny_llama(), tokenizer=tokenizer)
+    assert len(metrics["losses"]) == 2 and all(loss == loss for loss in metrics["losses"])
+    assert metrics["train_snippets"] == 24 and metrics["held_out_snippets"] == 8
+    for key in ("perplexity", "text_perplexity", "eos_nll", "samples"):
+        assert key in metrics["base"] and key in metrics["sft"]
+    assert (tmp_path / "adapter_model.safetensors").exists() and (tmp_path / "tokenizer.json").exists()
+    assert json.loads((tmp_path / "sft_metrics.json").read_text())["config"]["steps"] == 2
+    merged = smollm2_sft.merge_sft_adapter(tiny_llama(), tmp_path)
+    assert type(merged).__name__ == "LlamaForCausalLM"
+    ids = torch.randint(3, VOCAB, (1, 5))
+    with torch.no_grad():
+        assert not torch.allclose(merged(input_ids=ids).logits, tiny_llama()(input_ids=ids).logits)
+
+
+def test_sft_config_rejects_bad_settings():
+    with pytest.raises(ValueError, match="warmup_steps"):
+        smollm2_sft.SmolLM2SFTConfig(steps=5, warmup_steps=6).validate()
+    with pytest.raises(ValueError, match="lora_r"):
+        smollm2_sft.SmolLM2SFTConfig(lora_r=0).validate()
+
+
+# ----------------------------------------------------------------------------- the gold judge
+
+
+def test_gold_judge_scores_sentiment_and_paired_gain_uses_differences():
+    scores = judge.GoldJudge()(["A wonderful, moving film.", "A dull, awful mess.", "The film is ninety minutes."])
+    assert scores[0] > 0.5 and scores[1] < -0.5 and scores[2] == 0.0
+    gain = judge.paired_gain([0.0, 0.1, 0.2, 0.3], [0.1, 0.3, 0.3, 0.5])
+    assert gain["gain"] == pytest.approx(0.15)
+    assert gain["gain_se"] == pytest.approx(torch.tensor([0.1, 0.2, 0.1, 0.2]).std().item() / 2)
+    with pytest.raises(ValueError, match="one before and one after"):
+        judge.paired_gain([0.0], [0.0, 1.0])
+
+
+def test_heldout_evaluation_reports_proxy_gold_kl_and_diversity(tokenizer):
+    policy, reference = lora_policy.lora_policy_and_reference(tiny_llama(layers=1))
+    config = config_for_tests()
+    _, eval_queries = sampling.train_and_eval_queries(tokenizer, config, n_eval=6)
+    result = lora_policy.heldout_evaluation(policy.lm, tokenizer, length_reward, judge.GoldJudge(), eval_queries,
+                                            config, reference=reference, batch_size=4)
+    assert len(result["frame"]) == 6 and result["kl"] == pytest.approx(0.0, abs=1e-4)
+    assert 0 <= result["distinct_2"] <= 1 and result["proxy"] > 0
