@@ -117,7 +117,7 @@ def train_and_evaluate(config: RewardTrainingConfig, output_dir, verbose: bool =
     trainer.add_callback(steps)
     curve = None
     if config.held_out_every:
-        curve = HeldOutCurve(tokenizer, test_frame.head(config.held_out_pairs), config.held_out_every,
+        curve = HeldOutCurve(tokenizer, HeldOutCurve.pick(test_frame, config.held_out_pairs), config.held_out_every,
                              config.max_length)
         trainer.add_callback(curve)
     verbose = verbose and trainer.is_world_process_zero()

@@ -167,6 +167,7 @@ def test_evaluation_figures_on_a_hand_made_score_table(tokenizer):
     assert baseline["accuracy"] == pytest.approx((1 + 0 + 0.5 + 0) / 4)
     by_language = reward_eval.accuracy_by(scored)
     assert by_language.loc["en", "accuracy"] == 0.5 and by_language.loc["zh", "pairs"] == 2
+    assert by_language.loc["en", "standard_error"] == pytest.approx((0.5 * 0.5 / 2) ** 0.5)
     table = reward_eval.best_and_worst(scored, k=1)
     assert list(table["which"]) == ["best", "worst"] and table["margin"].tolist() == [1.0, -1.0]
     reference = reward_eval.reference_table([{"run": "x", "data": "y", "accuracy": 0.7}])
@@ -241,3 +242,14 @@ def _tiny_base(tokenizer, tmp_path):
         LlamaForCausalLM(tiny_config(tokenizer)).save_pretrained(base_dir)
         tokenizer.save_pretrained(base_dir)
     return str(base_dir)
+
+
+def test_held_out_curve_shares_its_pairs_between_languages():
+    import pandas as pd
+
+    from rlhf_course.reward.training import HeldOutCurve
+
+    frame = pd.DataFrame({"language": ["en"] * 6 + ["zh"] * 6, "prompt": [f"p{i}" for i in range(12)]})
+    picked = HeldOutCurve.pick(frame, 4)
+    assert picked["language"].tolist() == ["en", "en", "zh", "zh"] and picked["prompt"].tolist() == ["p0", "p1", "p6", "p7"]
+    assert HeldOutCurve.pick(frame[frame.language == "en"], 4)["prompt"].tolist() == ["p0", "p1", "p2", "p3"]

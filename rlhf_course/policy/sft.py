@@ -126,6 +126,19 @@ def mean_loss(model, blocks: torch.Tensor, batch_size: int = 32) -> float:
     return float(sum(losses) / max(len(losses), 1))
 
 
+def warmup_cosine_schedule(optimizer, warmup_steps: int, steps: int, floor: float = 0.1):
+    """Linear warm-up over ``warmup_steps``, then cosine decay to ``floor`` times the peak learning
+    rate at ``steps`` (the GPT-2 / nanoGPT schedule), as a ``LambdaLR``."""
+
+    def lr_factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        done = (step - warmup_steps) / max(1, steps - warmup_steps)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * done))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
 def clipped_optimizer_step(loss, model, optimizer, scheduler, max_grad_norm: float = 1.0) -> None:
     """backward, clip the global gradient norm, step optimizer and LR schedule, clear the gradients.
 
@@ -155,13 +168,7 @@ def train_sft_policy(folder: Path, config: SFTConfig | None = None, progress: bo
     model = GPT2LMHeadModel(small_gpt2_config(config, len(tokenizer)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
 
-    def lr_factor(step: int) -> float:  # linear warm-up then cosine decay (GPT-2 / nanoGPT schedule)
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress_ = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    scheduler = warmup_cosine_schedule(optimizer, config.warmup_steps, config.steps)
     generator = torch.Generator().manual_seed(config.seed)
     started, losses = time.time(), []
     bar = tqdm(range(config.steps), desc="SFT policy", disable=not progress)

@@ -35,7 +35,7 @@ import torch
 from rlhf_course.core import assets
 from rlhf_course.core import cache
 from rlhf_course.core.config import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, SEED, ProfileConfig, integer
-from rlhf_course.policy.sft import clipped_optimizer_step, review_snippets
+from rlhf_course.policy.sft import clipped_optimizer_step, review_snippets, warmup_cosine_schedule
 
 SMOLLM2_SFT_ASSET = "sft-smollm2-lora"
 SMOLLM2_SFT_VERSION = "1"
@@ -225,13 +225,7 @@ def train_smollm2_sft(folder: Path, config: SmolLM2SFTConfig | None = None, prog
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
 
-    def lr_factor(step: int) -> float:  # linear warm-up, then cosine decay to 10%
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        done = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    scheduler = warmup_cosine_schedule(optimizer, config.warmup_steps, config.steps)  # decays to 10% of the peak
     generator = torch.Generator().manual_seed(config.seed)
     batches: list[list[int]] = []
     losses, tokens_seen, train_started = [], 0, time.time()

@@ -92,9 +92,11 @@ def longer_answer_baseline(frame: pd.DataFrame, tokenizer=None) -> dict:
 
 
 def accuracy_by(scored: pd.DataFrame, column: str = "language") -> pd.DataFrame:
-    """Accuracy, pair count and mean margin per value of ``column``."""
+    """Accuracy, its standard error sqrt(p (1 - p) / n), pair count and mean margin per value of ``column``."""
     grouped = scored.groupby(column)
-    return pd.DataFrame({"pairs": grouped.size(), "accuracy": grouped["correct"].mean(),
+    pairs, accuracy = grouped.size(), grouped["correct"].mean()
+    return pd.DataFrame({"pairs": pairs, "accuracy": accuracy,
+                         "standard_error": (accuracy * (1 - accuracy) / pairs) ** 0.5,
                          "margin_mean": grouped["margin"].mean()})
 
 
