@@ -203,3 +203,34 @@ def test_heldout_evaluation_reports_proxy_gold_kl_and_diversity(tokenizer):
                                             config, reference=reference, batch_size=4)
     assert len(result["frame"]) == 6 and result["kl"] == pytest.approx(0.0, abs=1e-4)
     assert 0 <= result["distinct_2"] <= 1 and result["proxy"] > 0
+
+
+# ----------------------------------------------------------------------------- the profile's starting point, save / reload
+
+
+def test_ppo_start_config_is_the_lora_recipe_on_the_laptop_and_the_seeds_values_in_full():
+    laptop, full = lora_policy.ppo_start_config("laptop"), lora_policy.ppo_start_config("full")
+    for name, value in lora_policy.SMOLLM2_PPO_OVERRIDES.items():
+        assert getattr(laptop, name) == value
+    assert full.learning_rate == ppo.PPOConfig().learning_rate and full.batch_size == ppo.PPOConfig().batch_size
+
+
+def test_a_saved_lora_ppo_policy_reloads_onto_the_sft_policy(tmp_path, monkeypatch, tokenizer):
+    monkeypatch.setattr(smollm2_sft, "load_smollm2_sft_policy", lambda device="cpu": (tiny_llama(), tokenizer))
+    policy, _ = lora_policy.lora_policy_and_reference(tiny_llama())
+    with torch.no_grad():
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name or name.startswith("v_head."):
+                parameter.normal_(0, 0.5)  # as if PPO had trained them
+    policy.save(tmp_path / "policy", tokenizer)
+    assert (tmp_path / "policy" / "adapter_config.json").is_file()  # the adapter only, not the 135M weights
+    reloaded = lora_policy.load_lora_ppo_policy(tmp_path / "policy")
+    ids = torch.randint(3, VOCAB, (2, 6))
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids, torch.ones_like(ids), 6)[0], policy(ids, torch.ones_like(ids), 6)[0], atol=1e-5)
+        assert torch.allclose(reloaded(ids, torch.ones_like(ids), 6)[1], policy(ids, torch.ones_like(ids), 6)[1], atol=1e-5)
+
+
+def test_reloading_a_folder_without_an_adapter_says_what_to_pass(tmp_path):
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        lora_policy.load_lora_ppo_policy(tmp_path)

@@ -297,3 +297,17 @@ def load_smollm2_sft_policy(device: torch.device | str = "cpu"):
     folder = smollm2_sft_path()
     model = merge_sft_adapter(assets.smollm2_causal_lm(), folder).to(device).eval()
     return model, assets.smollm2_tokenizer()
+
+
+def load_ppo_sft_policy(device: torch.device | str = "cpu", profile=None):
+    """``(model, tokenizer)``: the SFT policy that PPO starts from in notebooks 06-07, by profile.
+
+    laptop: SmolLM2-135M-Instruct with the review SFT adapter merged (asset "sft-smollm2-lora");
+    full: the seed's ``lvwerra/gpt2-imdb`` (``policy.sft.load_sft_policy``).  Notebooks 08-09 still use
+    ``policy.sft``'s laptop policy, the 7.2M GPT-2 trained from scratch, until they move (issue 15).
+    """
+    from rlhf_course.core.profiles import current_profile
+    from rlhf_course.policy.sft import load_sft_policy
+
+    profile = profile or current_profile()
+    return load_smollm2_sft_policy(device) if str(profile) == "laptop" else load_sft_policy(device)

@@ -103,6 +103,51 @@ def load_smollm2_policy_and_reference(device: torch.device | str = "cpu", **lora
     return policy, reference, tokenizer
 
 
+def load_ppo_start(profile: Profile | str | None = None, device: torch.device | str = "cpu"):
+    """``(policy, reference, tokenizer, config)``: the profile's PPO starting point, one code path for
+    notebook 07 and ``train_ppo --policy smollm2-lora``.
+
+    laptop: the SmolLM2-135M SFT policy with a fresh PPO LoRA adapter, the reference being the adapter
+    switched off, and ``smollm2_ppo_config``; full: the seed's ``lvwerra/gpt2-imdb`` fine-tuned in full,
+    a frozen copy as reference, and ``PPOConfig``'s seed values (TRL 0.x ``gpt2-sentiment``).
+    """
+    from rlhf_course.core.profiles import current_profile
+    from rlhf_course.rl.ppo import load_policy_and_reference
+
+    profile = Profile(str(profile)) if profile is not None else current_profile()
+    start = load_smollm2_policy_and_reference(device) if profile.is_laptop else load_policy_and_reference(device)
+    return (*start, ppo_start_config(profile))
+
+
+def ppo_start_config(profile: Profile | str | None = None) -> PPOConfig:
+    """The ``PPOConfig`` of ``load_ppo_start``: ``smollm2_ppo_config`` on the laptop, the seed's values in full."""
+    from rlhf_course.core.profiles import current_profile
+
+    profile = Profile(str(profile)) if profile is not None else current_profile()
+    return smollm2_ppo_config(profile) if profile.is_laptop else PPOConfig.for_profile(profile)
+
+
+def load_lora_ppo_policy(folder, device: torch.device | str = "cpu") -> PolicyWithValueHead:
+    """A LoRA PPO policy saved by ``PolicyWithValueHead.save`` (the PPO adapter, ``value_head.pt``) put
+    back on the SFT policy it was trained from (asset "sft-smollm2-lora")."""
+    from pathlib import Path
+
+    from peft import PeftModel
+
+    from rlhf_course.core import cache
+    from rlhf_course.policy.smollm2_sft import load_smollm2_sft_policy
+
+    folder = Path(folder)
+    if not (folder / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{folder} holds no adapter_config.json: pass a folder written by "
+                                "PolicyWithValueHead.save for a LoRA policy (e.g. train_ppo --policy smollm2-lora)")
+    lm, _ = load_smollm2_sft_policy(device)
+    with cache.explain_load_errors(folder):
+        policy = PolicyWithValueHead(PeftModel.from_pretrained(lm, str(folder)).to(device))
+        policy.v_head.load_state_dict(torch.load(folder / "value_head.pt", map_location=device))
+    return policy
+
+
 def trained_parameter_names(policy: nn.Module) -> list[str]:
     """Names of the parameters PPO's optimizer moves (those that require a gradient)."""
     return [name for name, parameter in policy.named_parameters() if parameter.requires_grad]
