@@ -14,6 +14,7 @@ core/      the base every stage uses; imports only core
     core.distributed    Accelerate wrappers: sharding, gathering, checkpoints, rank reports
     core.config         the config-dataclass convention: reference defaults, laptop overrides
     core.cli            the scripts' command lines, generated from the config dataclasses
+    core.quiet          quiet_loading: model loading without progress bars, load reports, PEFT warnings
 reward/    stage 2, the reward model (notebooks 01-05); imports core
     reward.losses       pairwise, K-wise, centred and point-wise reward losses
     reward.readout      where the scalar is read from: last token, mean, CLS, pooling

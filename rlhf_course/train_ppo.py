@@ -126,6 +126,18 @@ class PPOScriptArgs:
         check_fields(self)
 
 
+def with_lora_recipe(config: ppo.PPOConfig, profile: str) -> ppo.PPOConfig:
+    """``config`` with the SmolLM2 LoRA recipe (``lora_policy.SMOLLM2_PPO_OVERRIDES``) on every field the
+    command line left at the profile's value: ``--policy smollm2-lora --steps 5`` keeps its 5 steps."""
+    from rlhf_course.rl.lora_policy import SMOLLM2_PPO_OVERRIDES
+
+    profile_values = ppo.PPOConfig.for_profile(profile)
+    config = dataclasses.replace(config, **{name: value for name, value in SMOLLM2_PPO_OVERRIDES.items()
+                                            if getattr(config, name) == getattr(profile_values, name)})
+    config.validate()
+    return config
+
+
 def check_ppo_setup(args: PPOScriptArgs, config: ppo.PPOConfig) -> None:
     """What the machine must offer before anything loads: the device (``RLHF_DEVICE``), a writable
     ``--output-dir`` (else every step would train and the policy be lost at the end), the checkpoint."""
@@ -151,6 +163,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.profile:
         os.environ[ENV_VAR] = args.profile  # the asset loaders read the profile from here
     args.profile = args.profile or os.environ.get(ENV_VAR, "laptop")
+    if args.policy == SMOLLM2_LORA:
+        config = with_lora_recipe(config, args.profile)
     accelerator = distributed.make_accelerator(cpu=True if args.cpu else None)
     output_dir = Path(args.output_dir)
     resume_from = args.resume_from

@@ -178,3 +178,13 @@ def test_the_parser_is_one_hf_argument_parser():
     assert isinstance(parser, HfArgumentParser)
     spellings = {option for action in parser._actions for option in action.option_strings}
     assert {"--batch-size", "--batch_size", "--output-dir", "--output_dir", "--no-scale-rewards"} <= spellings
+
+
+def test_train_ppo_with_the_smollm2_lora_policy_takes_its_recipe_unless_a_flag_says_otherwise(tmp_path):
+    from rlhf_course.rl.lora_policy import SMOLLM2_PPO_OVERRIDES
+
+    _, config = train_ppo.parse_ppo_args(["--output-dir", str(tmp_path), "--policy", "smollm2-lora", "--steps", "5"])
+    config = train_ppo.with_lora_recipe(config, "laptop")
+    assert config.steps == 5  # given on the command line
+    assert config.learning_rate == SMOLLM2_PPO_OVERRIDES["learning_rate"]
+    assert config.batch_size == SMOLLM2_PPO_OVERRIDES["batch_size"]

@@ -34,6 +34,7 @@ import torch
 
 from rlhf_course.core import assets
 from rlhf_course.core import cache
+from rlhf_course.core.quiet import quiet_loading
 from rlhf_course.core.config import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, SEED, ProfileConfig, integer
 from rlhf_course.policy.sft import clipped_optimizer_step, review_snippets, warmup_cosine_schedule
 
@@ -220,8 +221,9 @@ def train_smollm2_sft(folder: Path, config: SmolLM2SFTConfig | None = None, prog
 
     base_heldout = heldout_nll(base, held_out, pad_id, eos_id)
     base_samples = sample_continuations(base, tokenizer, openings, config.sample_tokens, config.seed)
-    model = get_peft_model(base, causal_lm_lora_config(config.lora_r, config.lora_alpha, config.target_modules,
-                                             config.lora_layers, base.config.num_hidden_layers))
+    with quiet_loading():
+        model = get_peft_model(base, causal_lm_lora_config(config.lora_r, config.lora_alpha, config.target_modules,
+                                                           config.lora_layers, base.config.num_hidden_layers))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
 
@@ -288,7 +290,7 @@ def merge_sft_adapter(base, folder: Path | str):
     """``base`` with the SFT adapter in ``folder`` merged into its weights: a plain causal LM again."""
     from peft import PeftModel
 
-    with cache.explain_load_errors(folder):
+    with cache.explain_load_errors(folder), quiet_loading():
         return PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
 
 

@@ -26,11 +26,9 @@ on the laptop budget an appended eos is a position whose hidden state says littl
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.util
 import json
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +40,7 @@ from rlhf_course.reward.losses import log_sig_loss
 from rlhf_course.core.config import (FLAG, MAPPING, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, Check,
                                      ProfileConfig, integer, number, one_of, resolve_profile, tuple_of)
 from rlhf_course.core.profiles import PROFILES, require_hub
+from rlhf_course.core.quiet import quiet_loading
 
 # Short names for the base models; the full-profile ones are the seeds' hub ids.
 BASE_MODELS = {
@@ -187,33 +186,6 @@ def base_model_source(name: str) -> str:
                          "or the path of a local model folder")
     require_hub(f"the base model '{BASE_MODELS[name]}'")
     return BASE_MODELS[name]
-
-
-@contextlib.contextmanager
-def quiet_loading():
-    """Load and wrap models without the noise: transformers' and datasets' progress bars, the
-    transformers load report (terminal colour codes and the absolute cache path; ``load_reward_base``
-    says what matters in one line), and the FutureWarning PEFT and TRL trigger by reading
-    ``model.is_gradient_checkpointing`` (renamed ``is_activation_checkpointing`` in transformers 5.23).
-    Everything is restored on exit."""
-    import datasets
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars, data_bars = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(),
-                                  datasets.is_progress_bar_enabled())
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-        if data_bars:
-            datasets.enable_progress_bars()
 
 
 PAD_TOKEN = "<|pad|>"  # added only when the tokenizer has no special token to spare
