@@ -108,8 +108,9 @@ def load_smollm2_policy_and_reference(device: torch.device | str = "cpu", **lora
 
 
 def load_ppo_start(profile: Profile | str | None = None, device: torch.device | str = "cpu"):
-    """``(policy, reference, tokenizer, config)``: the profile's PPO starting point, one code path for
-    notebook 07 and ``train_ppo --policy smollm2-lora``.
+    """``(policy, reference, tokenizer, config)``: the profile's PPO starting point (notebook 07).
+    ``train_ppo --policy smollm2-lora`` loads the same policy and reference, and takes the same recipe
+    for every flag left at its profile value (``train_ppo.with_lora_recipe``).
 
     laptop: the SmolLM2-135M SFT policy with a fresh PPO LoRA adapter, the reference being the adapter
     switched off, and ``smollm2_ppo_config``; full: the seed's ``lvwerra/gpt2-imdb`` fine-tuned in full,
