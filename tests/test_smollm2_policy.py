@@ -114,17 +114,19 @@ def test_left_padded_batch_generation_matches_one_query_at_a_time(tokenizer):
 
 
 class EndsAfter(torch.nn.Module):
-    """A causal LM that emits EOS as its ``n``-th token (its logits forced), for the stop test."""
+    """A causal LM that emits EOS as its ``n``-th token in ``rows`` (default all; its logits forced), for
+    the stop tests; it records the batch size of every call."""
 
-    def __init__(self, lm, eos_id, n):
+    def __init__(self, lm, eos_id, n, rows=None):
         super().__init__()
-        self.lm, self.eos_id, self.n, self.calls = lm, eos_id, n, 0
+        self.lm, self.eos_id, self.n, self.rows, self.calls, self.batch_sizes = lm, eos_id, n, rows, 0, []
 
     def forward(self, **kwargs):
         out = self.lm(**kwargs)
         self.calls += 1
+        self.batch_sizes.append(len(kwargs["input_ids"]))
         if self.calls == self.n:
-            out.logits[:, -1, self.eos_id] = 1e4
+            out.logits[self.rows if self.rows is not None else slice(None), -1, self.eos_id] = 1e4
         return out
 
 
@@ -139,6 +141,57 @@ def test_generation_with_the_smollm2_tokenizer_stops_at_eos(tokenizer):
 
 
 # ----------------------------------------------------------------------------- the SFT asset builder
+
+
+def test_sampling_with_the_adapter_merged_matches_the_unmerged_actor_and_restores_its_weights(tokenizer):
+    policy, reference = lora_policy.lora_policy_and_reference(tiny_llama(), r=4, alpha=8.0)
+    with torch.no_grad():
+        for name, parameter in policy.lm.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)  # a trained-looking adapter, not LoRA's zero start
+    before = {name: p.detach().clone() for name, p in policy.lm.named_parameters()}
+    ids = torch.randint(3, VOCAB, (2, 6))
+    with torch.no_grad():
+        unmerged = policy.lm(input_ids=ids).logits
+        with sampling.merged_lora(policy.lm):
+            merged = policy.lm(input_ids=ids).logits
+        assert torch.allclose(merged, unmerged, atol=1e-5)
+    assert all(torch.equal(before[name], p) for name, p in policy.lm.named_parameters())  # bit for bit
+    assert all(not m.merged and not m.disable_adapters for m in policy.lm.modules() if hasattr(m, "lora_A"))
+    config = config_for_tests(temperature=0.0, force_max_length=True, response_min_tokens=5, response_max_tokens=6)
+    queries = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("A fine", "The acting is")]
+    _, _, sampled, _ = sampling.generate_batch(policy.lm, queries, tokenizer, config, random.Random(0))
+    with torch.no_grad():  # greedy continuation computed with the adapter unmerged, token by token
+        for row, query in enumerate(queries):
+            ids = torch.tensor([query])
+            for _ in range(5):
+                ids = torch.cat([ids, policy.lm(input_ids=ids).logits[:, -1:].masked_fill(
+                    torch.arange(VOCAB) == tokenizer.eos_token_id, float("-inf")).argmax(-1)], 1)
+            assert sampled[row].tolist() == ids[0, len(query):].tolist()
+
+
+def test_finished_rows_leave_the_batch_and_the_others_continue_unchanged(tokenizer):
+    lm = tiny_llama(layers=1)
+    config = config_for_tests(temperature=0.0, response_min_tokens=8, response_max_tokens=9)
+    queries = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("A", "The film is a quiet", "An utterly")]
+    lm_ends_first_row = EndsAfter(lm, tokenizer.eos_token_id, n=2, rows=[0])
+    _, _, batched, mask = sampling.generate_batch(lm_ends_first_row, queries, tokenizer, config, random.Random(0))
+    assert mask.sum(1).tolist() == [2, 8, 8] and batched[0, 2:].eq(tokenizer.pad_token_id).all()
+    assert lm_ends_first_row.batch_sizes == [3, 3] + [2] * 6  # row 0 dropped after its EOS
+    for row in (1, 2):  # the rows left in the batch sample what they would have sampled alone
+        _, _, alone, _ = sampling.generate_batch(lm, [queries[row]], tokenizer, config, random.Random(0))
+        assert batched[row].tolist() == alone[0].tolist()
+
+
+def test_inverse_cdf_sampling_across_blocks_never_draws_a_zero_probability_token():
+    vocab = 3 * sampling.CDF_BLOCK + 17  # blocks plus a ragged end
+    probs = torch.zeros(vocab)
+    chosen = torch.tensor([0, sampling.CDF_BLOCK - 1, sampling.CDF_BLOCK, 2 * sampling.CDF_BLOCK + 5, vocab - 1])
+    probs[chosen] = torch.tensor([0.1, 0.2, 0.3, 0.25, 0.15])
+    draws = sampling.inverse_cdf_sample(probs.expand(40000, vocab), torch.Generator().manual_seed(0))
+    assert set(draws.tolist()) <= set(chosen.tolist())
+    frequencies = torch.bincount(draws, minlength=vocab)[chosen].float() / len(draws)
+    assert torch.allclose(frequencies, probs[chosen], atol=0.01)
 
 
 def test_encode_snippets_ends_each_snippet_with_eos_and_pad_batch_masks_padding(tokenizer):

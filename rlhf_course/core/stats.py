@@ -71,3 +71,32 @@ class RunningMoments:
     @property
     def std(self) -> float:
         return math.sqrt(max(self.var, 1e-8))
+
+
+def student_t_quantile(probability: float, df: float) -> float:
+    """The ``probability`` quantile of Student's t with ``df`` degrees of freedom (for 95% intervals over a
+    few seeds: 4.30 for 3 seeds, 1.96 as df grows), by bisection on its CDF, integrated with Simpson's rule
+    (SciPy is not a dependency of the course)."""
+    import math
+
+    if not 0 < probability < 1 or df <= 0:
+        raise ValueError(f"need 0 < probability < 1 and df > 0, got {probability} and {df}")
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def density(x: float) -> float:
+        return math.exp(log_norm - (df + 1) / 2 * math.log1p(x * x / df))
+
+    def cdf(x: float, intervals: int = 2000) -> float:  # symmetric: 0.5 + integral from 0 to x
+        h = x / intervals
+        inner = sum((4 if i % 2 else 2) * density(i * h) for i in range(1, intervals))
+        return 0.5 + h / 3 * (density(0.0) + inner + density(x))
+
+    if probability < 0.5:
+        return -student_t_quantile(1 - probability, df)
+    low, high = 0.0, 1.0
+    while cdf(high) < probability:
+        high *= 2
+    for _ in range(50):
+        middle = (low + high) / 2
+        low, high = (middle, high) if cdf(middle) < probability else (low, middle)
+    return (low + high) / 2

@@ -21,7 +21,9 @@ module; this file builds both for a LoRA actor, without touching the PPO code:
   give a value per *policy* token without re-tokenising every prefix; and a separate critic of
   SmolLM2's size (a second LoRA on the same base, or a copy) doubles every forward and backward of
   the step on a CPU, where the update already dominates.  With ``vf_coef`` 0.1 (TRL 0.x) and
-  whitened advantages the shared trunk works at this scale; a separate critic is the exercise.
+  whitened advantages the shared trunk works at this scale.  ``ActorWithSeparateCritic`` is the other
+  layout (a second SFT copy with its own adapter); sweep ``critic`` of ``rlhf_course.experiments`` measures
+  both (notebook 07).
 
 ``SMOLLM2_PPO_OVERRIDES`` are the laptop settings found by the short sweep of issue 14 (notebook 07);
 ``heldout_evaluation`` measures what that sweep reports: proxy reward, the gold judge (VADER, never
@@ -97,13 +99,59 @@ def lora_policy_and_reference(lm: nn.Module, **lora) -> tuple[PolicyWithValueHea
     return PolicyWithValueHead(peft_model), AdapterDisabledReference(peft_model)
 
 
-def load_smollm2_policy_and_reference(device: torch.device | str = "cpu", **lora):
+class ActorWithSeparateCritic(nn.Module):
+    """The actor (a LoRA causal LM) and a critic of its own (another copy of the SFT model with its own
+    LoRA adapter and value head), behind ``PolicyWithValueHead``'s interface, so ``rl.ppo`` runs unchanged.
+
+    DeepSpeed-Chat's layout (actor and critic are two networks; there the critic starts from the reward
+    model, here from the SFT policy, since the reward model reads another tokenizer): no value gradient
+    reaches the actor, at the price of a second forward and backward pass through a 135M model.
+    """
+
+    def __init__(self, actor_lm: nn.Module, critic: PolicyWithValueHead):
+        super().__init__()
+        self.lm, self.critic = actor_lm, critic
+        self.v_head = critic.v_head  # PolicyWithValueHead's attribute, for code that reads the value head
+
+    def forward(self, input_ids, attention_mask, logits_to_keep: int):
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         logits_to_keep=logits_to_keep).logits
+        _, values = self.critic(input_ids, attention_mask, logits_to_keep)
+        return logits, values
+
+    def save(self, folder, tokenizer=None):
+        """The actor's adapter in ``folder`` (as ``PolicyWithValueHead.save``), the critic in ``folder/critic``."""
+        from pathlib import Path
+
+        self.critic.save(Path(folder) / "critic")
+        self.lm.save_pretrained(str(folder), safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(folder))
+        return Path(folder)
+
+
+CRITICS = ("shared", "separate")
+
+
+def load_smollm2_policy_and_reference(device: torch.device | str = "cpu", critic: str = "shared", **lora):
     """``(policy, reference, tokenizer)`` for PPO on SmolLM2-135M: the SFT asset ("sft-smollm2-lora",
-    built on first use) plus a fresh PPO adapter; a fresh start for one run."""
+    built on first use) plus a fresh PPO adapter; a fresh start for one run.
+
+    ``critic``: "shared" (a value head on the actor's trunk, the course's default) or "separate"
+    (``ActorWithSeparateCritic``: a second copy of the SFT model with its own adapter)."""
+    import copy
+
     from rlhf_course.policy.smollm2_sft import load_smollm2_sft_policy
 
+    if critic not in CRITICS:
+        raise ValueError(f"critic={critic!r}: choose one of {CRITICS}")
     lm, tokenizer = load_smollm2_sft_policy(device)
+    critic_lm = copy.deepcopy(lm) if critic == "separate" else None  # before the actor's adapter wraps lm
     policy, reference = lora_policy_and_reference(lm, **lora)
+    if critic_lm is not None:
+        critic_model = PolicyWithValueHead(add_lora_adapter(critic_lm, **{**PPO_LORA, **lora, "seed": 1}))
+        policy = ActorWithSeparateCritic(policy.lm, critic_model)
     return policy, reference, tokenizer
 
 
