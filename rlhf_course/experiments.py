@@ -99,8 +99,8 @@ def run_rows(sweep: Sweep, arm: str, seed: int, profile: str = "laptop", device:
         start.setdefault("frame", result["frame"])
         for score in ("proxy", "gold"):  # gains over the same openings at step 0, with paired standard errors
             gain = paired_gain(start["frame"][score], result["frame"][score])
-            rows += [{"step": step, "metric": f"{score}_gain", "value": float(gain["gain"])},
-                     {"step": step, "metric": f"{score}_gain_se", "value": float(gain["gain_se"])}]
+            rows.extend([{"step": step, "metric": f"{score}_gain", "value": float(gain["gain"])},
+                         {"step": step, "metric": f"{score}_gain_se", "value": float(gain["gain_se"])}])
 
     def callback(step: int, metrics: dict, history: list) -> None:
         rows.extend({"step": step + 1, "metric": f"train_{name}", "value": float(metrics[name])}
