@@ -46,6 +46,7 @@ scripts, on top:
     bench               python -m rlhf_course.bench NAME: runs a benchmark or the whole course
     train_reward        python -m rlhf_course.train_reward: the reward-model script
     train_ppo           python -m rlhf_course.train_ppo: the PPO script
+    experiments         python -m rlhf_course.experiments SWEEP: resumable multi-seed sweeps, logged to a long CSV
 """
 
 from rlhf_course.core import netguard as _netguard

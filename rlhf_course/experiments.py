@@ -60,6 +60,25 @@ SWEEPS = {
     "critic": Sweep(
         "critic", "07_critic.csv", {"shared": {}, "separate": {"critic": "separate"}}, steps=30,
         about="value head on the actor's trunk (TRL 0.x) vs a separate critic (DeepSpeed-Chat's layout), same recipe"),
+    "tricks": Sweep(
+        "tricks", "08_ppo_tricks.csv", {
+            "base": {},
+            "no_advantage_whitening": {"whiten_advantages": False},  # [37 detail 7]
+            "reward_scaling": {"scale_rewards": True},  # [37 detail 5]
+            "entropy_bonus": {"entropy_coef": 0.01},  # [37 detail 10]
+            "tight_value_clip": {"cliprange_value": 0.02},  # a clip that fires: values move < 0.02 per update
+            "no_value_clip": {"cliprange_value": float("inf")},
+            "gamma_0.9": {"gamma": 0.9},  # DeepSpeed-Chat's fix for growing returns
+            "lr_decay": {"lr_schedule": "linear"},  # [37 detail 4]
+            "no_grad_clip": {"max_grad_norm": None},  # [37 detail 11]
+            "force_max_length": {"force_max_length": True},  # EOS suppressed: every response runs to its budget
+            "beta_0": {"init_kl_coef": 0.0},
+        },
+        about="the PPO tricks of notebook 08, one change each to the recipe of notebook 07 (issue 15)"),
+    "overoptimisation": Sweep(
+        "overoptimisation", "08_overoptimisation.csv",
+        {f"beta_{beta:g}": {"init_kl_coef": beta} for beta in (0.0, 0.02, 0.05, 0.1)}, steps=60,
+        about="proxy and gold reward against sqrt(KL) over long runs at several beta (Gao et al. 2023; issue 15)"),
 }
 
 

@@ -44,7 +44,7 @@ RULE = {
     TOP: "course and the scripts sit on top and may import anything",
     "package": "rlhf_course/__init__.py imports only core",
 }
-TOP_MODULES = {f"{NAME}.bench", f"{NAME}.train_reward", f"{NAME}.train_ppo"}
+TOP_MODULES = {f"{NAME}.bench", f"{NAME}.train_reward", f"{NAME}.train_ppo", f"{NAME}.experiments"}
 TOP_PACKAGES = {"course"}
 # A conventional entry point that every `python -m` module defines; never imported by name.
 ENTRY_POINT = "main"

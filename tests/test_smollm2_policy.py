@@ -158,6 +158,7 @@ def test_sampling_with_the_adapter_merged_matches_the_unmerged_actor_and_restore
         assert torch.allclose(merged, unmerged, atol=1e-5)
     assert all(torch.equal(before[name], p) for name, p in policy.lm.named_parameters())  # bit for bit
     assert all(not m.merged and not m.disable_adapters for m in policy.lm.modules() if hasattr(m, "lora_A"))
+    assert [n for n, p in policy.lm.named_parameters() if p.requires_grad] == [n for n in before if "lora_" in n]
     config = config_for_tests(temperature=0.0, force_max_length=True, response_min_tokens=5, response_max_tokens=6)
     queries = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("A fine", "The acting is")]
     _, _, sampled, _ = sampling.generate_batch(policy.lm, queries, tokenizer, config, random.Random(0))

@@ -16,14 +16,13 @@ module; this file builds both for a LoRA actor, without touching the PPO code:
   as for the 7M policy (``PolicyWithValueHead``), i.e. a *shared trunk*: the value loss
   (``vf_coef`` x) also moves the LoRA weights.  DeepSpeed-Chat trains a separate critic initialised
   from the reward model instead: that keeps value gradients out of the actor and starts the critic
-  from a network that already reads sentiment.  It is not taken here for two reasons.  The reward
-  model is a MiniLM classifier with another tokenizer (WordPiece, not SmolLM2's BPE), so it cannot
-  give a value per *policy* token without re-tokenising every prefix; and a separate critic of
-  SmolLM2's size (a second LoRA on the same base, or a copy) doubles every forward and backward of
-  the step on a CPU, where the update already dominates.  With ``vf_coef`` 0.1 (TRL 0.x) and
-  whitened advantages the shared trunk works at this scale.  ``ActorWithSeparateCritic`` is the other
-  layout (a second SFT copy with its own adapter); sweep ``critic`` of ``rlhf_course.experiments`` measures
-  both (notebook 07).
+  from a network that already reads sentiment.  Here the reward model is a MiniLM classifier with
+  another tokenizer (WordPiece, not SmolLM2's BPE), so it cannot give a value per *policy* token
+  without re-tokenising every prefix; ``ActorWithSeparateCritic`` is that layout with the critic
+  started from the SFT policy instead (a second copy with its own adapter and value head).  The
+  shared trunk is the default because a second 135M network adds a forward and a backward pass to
+  every step on a CPU, where the update already dominates; sweep ``critic`` of
+  ``rlhf_course.experiments`` measures the cost and the effect of both (notebook 07, section 7.7b).
 
 ``SMOLLM2_PPO_OVERRIDES`` are the laptop settings found by the short sweep of issue 14 (notebook 07);
 ``heldout_evaluation`` measures what that sweep reports: proxy reward, the gold judge (VADER, never

@@ -24,7 +24,8 @@ The critic is a *value head on the policy* (one linear layer on the last hidden 
 ``AutoModelForCausalLMWithValueHead``): one forward pass gives both log-probs and values, which
 halves the cost on a CPU.  DeepSpeed-Chat instead trains a separate critic initialised from the
 reward model; that decouples the two losses (no value gradient reaches the policy's trunk) at the
-price of a second network, and is a good exercise (``PolicyWithValueHead`` is the only thing to swap).
+price of a second network; ``rl.lora_policy.ActorWithSeparateCritic`` swaps it in behind the same
+interface, and notebook 07 measures both.
 """
 
 from __future__ import annotations

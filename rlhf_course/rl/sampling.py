@@ -185,6 +185,7 @@ def merged_lora(lm):
     with torch.no_grad():
         merged = [merged_weight(layer) for layer in layers]
     originals = [layer.get_base_layer().weight.data for layer in layers]
+    trainable = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]  # enable_adapters resets them
     try:
         for layer, weight in zip(layers, merged):
             layer.enable_adapters(False)  # the LoRA branch off (as PEFT's disable_adapter): W + s B A holds it
@@ -194,6 +195,8 @@ def merged_lora(lm):
         for layer, weight in zip(layers, originals):
             layer.get_base_layer().weight.data = weight
             layer.enable_adapters(True)
+        for parameter, flag in trainable:
+            parameter.requires_grad_(flag)
 
 
 # Each LoRA layer's merged weight is written into the same buffer at every rollout: allocating 0.4 GB

@@ -1,0 +1,110 @@
+"""The sweep runner: resumable long CSV, per-arm intervals, and the separate critic it compares."""
+
+import copy
+
+import pandas as pd
+import pytest
+import torch
+
+from rlhf_course import experiments
+from rlhf_course.core.stats import student_t_quantile
+from rlhf_course.rl import lora_policy, ppo
+
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=2)).eval()
+
+
+def fake_rows(sweep, arm, seed, profile, device):
+    return [{"step": 0, "metric": "proxy_reward", "value": 0.1},
+            {"step": 5, "metric": "proxy_reward", "value": 1.0 + seed + (arm == "b")}]
+
+
+@pytest.fixture
+def sweep(monkeypatch):
+    monkeypatch.setattr(experiments, "run_rows", fake_rows)
+    return experiments.Sweep("toy", "toy.csv", {"a": {}, "b": {"learning_rate": 1e-4}})
+
+
+def test_a_sweep_resumes_skipping_finished_runs_and_extends_to_new_seeds(sweep, tmp_path, capsys):
+    path = tmp_path / "toy.csv"
+    experiments.run_sweep(sweep, [0], path=path)
+    first = pd.read_csv(path)
+    assert list(first.columns) == list(experiments.CSV_COLUMNS)
+    assert set(first["arm"]) == {"a", "b"} and (first["metric"] == experiments.DONE_METRIC).sum() == 2
+    experiments.run_sweep(sweep, [0, 1], path=path)
+    assert "a seed 0: in toy.csv already, skipped" in capsys.readouterr().out
+    second = pd.read_csv(path)
+    assert len(second) == 2 * len(first) and sorted(second["seed"].unique()) == [0, 1]  # seed 0 not run twice
+
+
+def test_an_interrupted_run_leaves_no_rows_and_runs_again(sweep, tmp_path, monkeypatch):
+    path = tmp_path / "toy.csv"
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiments, "run_rows", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        experiments.run_sweep(sweep, [0], path=path)
+    assert experiments.finished_runs(path) == set()
+
+
+def test_an_unknown_arm_is_refused_with_the_list_of_arms(sweep, tmp_path):
+    with pytest.raises(SystemExit, match="no arm \\['c'\\].*a, b"):
+        experiments.run_sweep(sweep, [0], arms=["c"], path=tmp_path / "toy.csv")
+
+
+def test_arm_summary_gives_t_intervals_and_differences_in_standard_errors(sweep, tmp_path):
+    path = tmp_path / "toy.csv"
+    experiments.run_sweep(sweep, [0, 1, 2], path=path)
+    summary = experiments.arm_summary(experiments.load_sweep(path), "proxy_reward", baseline="a")
+    a, b = summary.loc["a"], summary.loc["b"]
+    assert a["seeds"] == 3 and a["mean"] == pytest.approx(2.0) and a["sd"] == pytest.approx(1.0)
+    assert a["ci95_high"] - a["mean"] == pytest.approx(4.303 / 3 ** 0.5, abs=1e-3)
+    assert b["difference"] == pytest.approx(1.0) and b["difference_in_se"] == pytest.approx(1.0 / (2 / 3) ** 0.5)
+    at_start = experiments.arm_summary(experiments.load_sweep(path), "proxy_reward", step=0)
+    assert at_start["mean"].tolist() == pytest.approx([0.1, 0.1])
+    with pytest.raises(ValueError, match="no rows for metric 'nope'"):
+        experiments.arm_summary(experiments.load_sweep(path), "nope")
+
+
+def test_loading_a_sweep_that_was_never_run_says_how_to_make_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python -m rlhf_course.experiments"):
+        experiments.load_sweep(tmp_path / "missing.csv")
+
+
+def test_student_t_quantiles():
+    assert student_t_quantile(0.975, 2) == pytest.approx(4.303, abs=1e-3)
+    assert student_t_quantile(0.975, 1) == pytest.approx(12.706, abs=1e-3)
+    assert student_t_quantile(0.025, 1e6) == pytest.approx(-1.960, abs=1e-3)
+    with pytest.raises(ValueError):
+        student_t_quantile(1.5, 3)
+
+
+def test_list_names_every_sweep_and_its_csv(capsys):
+    experiments.main(["--list"])
+    out = capsys.readouterr().out
+    for sweep in experiments.SWEEPS.values():
+        assert sweep.name in out and sweep.csv in out
+
+
+def test_a_separate_critic_keeps_value_gradients_out_of_the_actor():
+    lm = tiny_llama()
+    critic_lm = copy.deepcopy(lm)
+    actor, _ = lora_policy.lora_policy_and_reference(lm, r=4, alpha=8.0)
+    critic = ppo.PolicyWithValueHead(lora_policy.add_lora_adapter(critic_lm, r=4, alpha=8.0, seed=1))
+    torch.nn.init.normal_(critic.v_head.weight)  # a zero head would pass no gradient at all
+    policy = lora_policy.ActorWithSeparateCritic(actor.lm, critic)
+    ids, mask = torch.randint(3, 1000, (2, 6)), torch.ones(2, 6, dtype=torch.long)
+    logits, values = policy(ids, mask, logits_to_keep=3)
+    assert logits.shape[:2] == values.shape == (2, 3)
+    values.sum().backward()
+    actor_grads = [p.grad for n, p in actor.lm.named_parameters() if p.requires_grad]
+    critic_grads = [p.grad for n, p in critic.lm.named_parameters() if "lora_B" in n]
+    assert all(g is None or not g.any() for g in actor_grads)
+    assert any(g is not None and g.any() for g in critic_grads)
