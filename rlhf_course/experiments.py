@@ -137,9 +137,21 @@ def run_rows(sweep: Sweep, arm: str, seed: int, profile: str = "laptop", device:
 # ============================================================================ the CSV
 
 
+def check_header(path: Path) -> None:
+    """Refuse to read or extend a file that is not a sweep CSV (another table written at the same path)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with path.open(newline="") as file:
+        header = next(csv.reader(file), [])
+    if tuple(header) != CSV_COLUMNS:
+        raise ValueError(f"{path} is not a sweep CSV (its columns are {header[:6]}..., a sweep's are "
+                         f"{', '.join(CSV_COLUMNS)}); move it aside or pass --csv with another path")
+
+
 def finished_runs(path: Path) -> set[tuple[str, str, int]]:
     """(sweep, arm, seed) of every run that wrote its last row to ``path``."""
-    if not path.exists():
+    check_header(path)
+    if not path.exists() or path.stat().st_size == 0:
         return set()
     with path.open(newline="") as file:
         return {(r["sweep"], r["arm"], int(r["seed"])) for r in csv.DictReader(file) if r["metric"] == DONE_METRIC}
@@ -148,6 +160,7 @@ def finished_runs(path: Path) -> set[tuple[str, str, int]]:
 def append_rows(path: Path, rows: list[dict]) -> None:
     """Append ``rows`` to ``path`` (header first if the file is new), in one write."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    check_header(path)
     new = not path.exists() or path.stat().st_size == 0
     with path.open("a", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=CSV_COLUMNS)

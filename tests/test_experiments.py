@@ -54,6 +54,14 @@ def test_an_interrupted_run_leaves_no_rows_and_runs_again(sweep, tmp_path, monke
     assert experiments.finished_runs(path) == set()
 
 
+def test_a_file_that_is_not_a_sweep_csv_is_never_appended_to(sweep, tmp_path):
+    path = tmp_path / "toy.csv"
+    path.write_text("arm,reward_gain\nbase,0.3\n")
+    with pytest.raises(ValueError, match="is not a sweep CSV"):
+        experiments.run_sweep(sweep, [0], path=path)
+    assert path.read_text() == "arm,reward_gain\nbase,0.3\n"
+
+
 def test_an_unknown_arm_is_refused_with_the_list_of_arms(sweep, tmp_path):
     with pytest.raises(SystemExit, match="no arm \\['c'\\].*a, b"):
         experiments.run_sweep(sweep, [0], arms=["c"], path=tmp_path / "toy.csv")
