@@ -11,8 +11,9 @@ columns ``CSV_COLUMNS``.  A run already in the CSV is skipped, so an interrupted
 it stopped and a sweep can be extended with more seeds.  Hours-long sweeps run here, outside the
 notebooks; the notebooks plot the CSV and re-run one arm and seed live to show that it reproduces.
 
-Seeds change PPO's sampling, prompt order and adapter initialisation; the held-out openings and their
-sampling seed stay fixed, so arms are compared on the same prompts.
+Seeds change PPO's sampling and the order of the prompts (every run's actor starts at the SFT policy,
+LoRA's B being zero); the held-out openings and their sampling seed stay fixed, so arms and seeds are
+compared on the same prompts.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ SWEEPS = {
             "no_advantage_whitening": {"whiten_advantages": False},  # [37 detail 7]
             "reward_scaling": {"scale_rewards": True},  # [37 detail 5]
             "entropy_bonus": {"entropy_coef": 0.01},  # [37 detail 10]
-            "tight_value_clip": {"cliprange_value": 0.02},  # a clip that fires: values move < 0.02 per update
+            "tight_value_clip": {"cliprange_value": 0.02},  # small enough to fire (0.2 rarely does)
             "no_value_clip": {"cliprange_value": float("inf")},
             "gamma_0.9": {"gamma": 0.9},  # DeepSpeed-Chat's fix for growing returns
             "lr_decay": {"lr_schedule": "linear"},  # [37 detail 4]
