@@ -5,7 +5,9 @@ concept, by folder; a layer imports only the layers listed under it (docs/archit
 tests/test_layout.py checks the rule and that this list names every module):
 
 core/      the base every stage uses; imports only core
-    core.profiles       the laptop / full switch, device choice, seeding, hub checks
+    core.profiles       the laptop / full switch, device choice, mixed precision, seeding
+    core.hub            where a full-profile hub model or data set is read from: local folder, HF cache, hub/mirror
+    core.smoke          smoke mode: the full profile's code paths at tiny sizes, all listed in one place
     core.assets         the asset registry with provenance: every model, tokenizer and data set
     core.cache          derived assets built once, atomically, with a manifest checked on use
     core.netguard       the guard that refuses every non-loopback connection
@@ -40,8 +42,9 @@ course/    on top: runs the course; may import anything
     course.benchmarks   the timed benchmarks (token loss, rollout, PPO step)
     course.plots        shared figures: the RLHF stages, LivePlot
     course.memory       the GPU-memory table of docs/cluster.md
-    course.badges       the Colab badges of the notebooks and README, rendered from REPO
+    course.badges       the Colab badges and install cells of the notebooks and README, rendered from REPO
     course.figures      expect(): every figure a notebook states, checked against its range and recorded
+    course.standins     tiny random stand-ins of the hub models and data, for running the full profile offline
 scripts, on top:
     bench               python -m rlhf_course.bench NAME: runs a benchmark or the whole course
     train_reward        python -m rlhf_course.train_reward: the reward-model script

@@ -38,7 +38,7 @@ def test_nothing_is_stale():
     assert badges.stale_files() == {}
 
 
-def test_a_fork_rewrites_only_the_badges(tmp_path):
+def test_a_fork_rewrites_only_the_badges_and_install_cells(tmp_path):
     folder = tmp_path / "notebooks"
     folder.mkdir()
     for path in NOTEBOOKS[:2]:
@@ -53,10 +53,20 @@ def test_a_fork_rewrites_only_the_badges(tmp_path):
     assert set(stale) == {*folder.iterdir(), readme}
     for path in NOTEBOOKS[:2]:
         old, new = path.read_text(encoding="utf-8"), stale[folder / path.name]
-        assert new == old.replace(f"github/{REPO}/blob", "github/someone/fork/blob")
+        assert new == (old.replace(f"github/{REPO}/blob", "github/someone/fork/blob")
+                       .replace(f"github.com/{REPO}", "github.com/someone/fork")
+                       .replace(f"githubusercontent.com/{REPO}/", "githubusercontent.com/someone/fork/"))
+        assert "git+https://github.com/someone/fork" in new and REPO not in new
     new_cell = json.loads(stale[folder / "99_new.ipynb"])["cells"][0]["source"]
     assert new_cell == ["# 99 · A new notebook\n", "\n", badges.colab_badge("99_new.ipynb", "someone/fork") + "\n",
                         "\n", "Text."]
     table = stale[readme]
     assert "| 99 A new notebook | " in table and "| 02 " not in table  # one row per notebook in the folder
     assert table.count("github/someone/fork/blob/main/notebooks/") == 3
+
+
+def test_a_notebook_without_a_colab_install_cell_is_refused():
+    notebook = json.loads(NOTEBOOKS[0].read_text(encoding="utf-8"))
+    notebook["cells"] = [cell for cell in notebook["cells"] if badges.COLAB_CHECK not in "".join(cell["source"])]
+    with pytest.raises(ValueError, match="no Colab install cell"):
+        badges.with_install_line(notebook, "00.ipynb")

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from rlhf_course import train_ppo, train_reward
-from rlhf_course.core import cli, profiles
+from rlhf_course.core import cli, hub, profiles
 from rlhf_course.core.config import field_names
 from rlhf_course.core.profiles import ENV_VAR, Profile, ProfileError
 from rlhf_course.policy import sentiment, sft
@@ -427,18 +427,18 @@ def test_hf_hub_offline_is_read_as_huggingface_hub_reads_it(value, offline, monk
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     else:
         monkeypatch.setenv("HF_HUB_OFFLINE", value)
-    assert profiles.hub_offline() is offline
+    assert hub.hub_offline() is offline
     assert constants._is_true(os.environ.get("HF_HUB_OFFLINE")) is offline  # the same reading as the hub's
     connected = []
-    monkeypatch.setattr(profiles.socket, "create_connection", lambda *a, **k: connected.append(a) or Connection())
-    assert profiles.hub_reachable() is (not offline)
+    monkeypatch.setattr(hub.socket, "create_connection", lambda *a, **k: connected.append(a) or Connection())
+    assert hub.hub_reachable() is (not offline)
     assert len(connected) == (0 if offline else 1)
 
 
 def test_transformers_offline_counts_when_hf_hub_offline_is_unset(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    assert profiles.hub_offline()
+    assert hub.hub_offline()
 
 
 class Connection:

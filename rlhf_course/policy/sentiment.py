@@ -25,10 +25,9 @@ from typing import Sequence
 
 import torch
 
-from rlhf_course.core import assets
-from rlhf_course.core import cache
+from rlhf_course.core import assets, cache, hub
 from rlhf_course.core.config import POSITIVE, POSITIVE_INT, SEED, ProfileConfig, integer
-from rlhf_course.core.profiles import current_profile, require_hub
+from rlhf_course.core.profiles import current_profile
 from rlhf_course.core.text import batched_forward
 from rlhf_course.policy.sft import clipped_optimizer_step
 
@@ -150,10 +149,7 @@ def train_sentiment_classifier(folder: Path, config: ClassifierConfig | None = N
 def sentiment_classifier_path() -> Path:
     """Folder of the reward classifier: built on first use (laptop) or ``lvwerra/distilbert-imdb`` (full)."""
     if current_profile().is_full:
-        require_hub(f"the sentiment classifier '{FULL_PROFILE_CLASSIFIER}'")
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(FULL_PROFILE_CLASSIFIER))
+        return Path(hub.download(FULL_PROFILE_CLASSIFIER))
     return cache.cached_build(CLASSIFIER_ASSET, lambda folder: train_sentiment_classifier(folder),
                                version=CLASSIFIER_VERSION)
 

@@ -24,10 +24,9 @@ from pathlib import Path
 
 import torch
 
-from rlhf_course.core import assets
-from rlhf_course.core import cache
+from rlhf_course.core import assets, cache, hub
 from rlhf_course.core.config import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, SEED, ProfileConfig, integer
-from rlhf_course.core.profiles import current_profile, require_hub
+from rlhf_course.core.profiles import current_profile
 
 FULL_PROFILE_POLICY = "lvwerra/gpt2-imdb"
 SFT_ASSET = "sft-policy"
@@ -206,10 +205,7 @@ def train_sft_policy(folder: Path, config: SFTConfig | None = None, progress: bo
 def sft_policy_path() -> Path:
     """Folder of the PPO starting policy: built on first use (laptop) or ``lvwerra/gpt2-imdb`` (full)."""
     if current_profile().is_full:
-        require_hub(f"the SFT policy '{FULL_PROFILE_POLICY}'")
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(FULL_PROFILE_POLICY))
+        return Path(hub.download(FULL_PROFILE_POLICY))
     return cache.cached_build(SFT_ASSET, lambda folder: train_sft_policy(folder), version=SFT_VERSION)
 
 

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from rlhf_course.core.profiles import Profile, current_profile, require_hub
+from rlhf_course.core import hub
+from rlhf_course.core.profiles import Profile, current_profile
 
 from rlhf_course.reward.preference_parsing import (
     ROLES, LoadReport, PreferenceDataError, hh_transcript, load_preference_records,
@@ -252,11 +253,7 @@ def chinese_laptop_records(seed: int = 0, max_chars: int = 20) -> list[dict]:
 
 def hub_records(language: str, split: str = "train", limit: int | None = None) -> list[dict]:
     """Full profile: the seeds' hub data sets, Anthropic/hh-rlhf (en) and dikw/hh_rlhf_cn (zh)."""
-    from datasets import load_dataset
-
-    hub_id = HUB_DATASETS[language]
-    require_hub(f"the preference data set '{hub_id}'")
-    dataset = load_dataset(hub_id, split=split)
+    dataset = hub.load_hub_dataset(HUB_DATASETS[language], split=split)
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
     return list(dataset)

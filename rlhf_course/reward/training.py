@@ -39,7 +39,8 @@ from rlhf_course.reward.data import LANGUAGES
 from rlhf_course.reward.losses import log_sig_loss
 from rlhf_course.core.config import (FLAG, MAPPING, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, Check,
                                      ProfileConfig, integer, number, one_of, resolve_profile, tuple_of)
-from rlhf_course.core.profiles import PROFILES, require_hub
+from rlhf_course.core import hub
+from rlhf_course.core.profiles import PROFILES, half_dtype, precision_flags
 from rlhf_course.core.quiet import quiet_loading
 
 # Short names for the base models; the full-profile ones are the seeds' hub ids.
@@ -61,7 +62,7 @@ MODEL_CARD = "reward_model.json"
 LAPTOP_OVERRIDES = dict(
     profile="laptop", base_model="smollm2", train_size=256, test_size=128, max_length=96,
     gradient_accumulation_steps=1, learning_rate=1e-3, warmup_ratio=0.0, lora_last_layers=10,
-    load_in_4bit=False, logging_steps=4,
+    load_in_4bit=False, logging_steps=4, held_out_every=None,
 )
 # Laptop values that depend on the language, applied after LAPTOP_OVERRIDES (and before the settings
 # you pass): what the bilingual model needs to learn Chinese on SmolLM2 (notebook 05, section 5.3).
@@ -134,8 +135,9 @@ class RewardTrainingConfig(ProfileConfig):
     load_in_4bit: bool = field(default=True, metadata={
         "help": "QLoRA-style 4-bit base weights (needs CUDA and bitsandbytes; skipped with a note otherwise)"})
     logging_steps: int = field(default=20, metadata={"help": "log loss and accuracy every N steps"})
-    held_out_every: int | None = field(default=None, metadata={
-        "help": "score held-out pairs every N steps, for learning curves (None: only after training)"})
+    held_out_every: int | None = field(default=200, metadata={
+        "help": "score held-out pairs every N steps, for learning curves (None: only after training; full: every "
+                "200 of hh-rlhf's ~5k optimizer steps, the curve notebook 05 draws)"})
     held_out_pairs: int = field(default=64, metadata={
         "help": "held-out pairs scored for the learning curves (the first N of the test split, shared equally "
                 "between its languages)"})
@@ -184,8 +186,7 @@ def base_model_source(name: str) -> str:
     if name not in BASE_MODELS:
         raise ValueError(f"base_model={name!r} is not known; use one of {sorted(BASE_MODELS)} "
                          "or the path of a local model folder")
-    require_hub(f"the base model '{BASE_MODELS[name]}'")
-    return BASE_MODELS[name]
+    return hub.resolve(BASE_MODELS[name])
 
 
 PAD_TOKEN = "<|pad|>"  # added only when the tokenizer has no special token to spare
@@ -239,8 +240,8 @@ def load_reward_base(name: str, tokenizer, load_in_4bit: bool = False, verbose: 
             from transformers import BitsAndBytesConfig
 
             kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-            kwargs["dtype"] = torch.bfloat16
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=half_dtype())
+            kwargs["dtype"] = half_dtype()
         else:
             load_in_4bit = False
             if verbose:
@@ -282,6 +283,17 @@ def lora_config(config: RewardTrainingConfig, model):
         layers_to_transform=layers,  # laptop: only the top layers, so backprop stops there
         modules_to_save=["score"],  # the new scalar head is trained in full, not through LoRA
     )
+
+
+def layers_text(layers) -> str:
+    """``"20..29"`` for LoRA's ``layers_to_transform``, ``"all"`` when it is None (every layer adapted)."""
+    return "all" if layers is None else f"{layers[0]}..{layers[-1]}"
+
+
+def optimizer_steps_per_epoch(pairs: int, config: RewardTrainingConfig) -> int:
+    """Optimizer steps in one epoch of ``pairs``: each step takes ``batch_size x gradient_accumulation_steps``
+    pairs (what ``max_steps`` counts in transformers' Trainer); at least one."""
+    return max(1, pairs // (config.batch_size * config.gradient_accumulation_steps))
 
 
 def trainable_parameters(model) -> tuple[int, int]:
@@ -348,7 +360,7 @@ def _common_args(config: RewardTrainingConfig, output_dir) -> dict:
         learning_rate=config.learning_rate, warmup_steps=config.warmup_ratio,  # a float < 1 is a fraction of the steps
         lr_scheduler_type=config.lr_scheduler, weight_decay=config.weight_decay,
         logging_steps=config.logging_steps, save_strategy="no", eval_strategy="no", report_to="none",
-        use_cpu=cpu, bf16=(not cpu) and torch.cuda.is_bf16_supported(), activation_checkpointing=False,
+        use_cpu=cpu, **precision_flags(cpu), activation_checkpointing=False,
         dataloader_num_workers=0,
     )
 

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from rlhf_course.core.config import NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, ProfileConfig, integer
+from rlhf_course.core.profiles import precision_flags
 from rlhf_course.core.text import padding_side
 from rlhf_course.policy.sentiment import SentimentReward
 
@@ -52,8 +53,8 @@ class BeyondPPOConfig(ProfileConfig):
     Laptop values only: no reference values exist for these runs, so the defaults are the laptop
     values, picked so each run takes about a minute on a 2-core CPU, and ``LAPTOP_OVERRIDES`` is
     empty (``for_profile`` gives the same config in both profiles).  The paper values are noted where
-    a method has one.  The ``ppo_*`` fields are applied in the laptop profile only: in the full
-    profile the PPO row keeps ``PPOConfig``'s seed values (``ppo_config_same_budget``).
+    a method has one.  The ``ppo_*`` fields set the PPO row in both profiles, so every method gets the
+    same budget (``ppo_config_same_budget``).
     """
 
     laptop_overrides = LAPTOP_OVERRIDES
@@ -118,7 +119,8 @@ def trl_args(config_class, output_dir: str | Path, **overrides):
     """A TRL config that constructs on a CPU-only machine and logs nowhere.
 
     * ``use_cpu=True`` and ``bf16=False`` on CPU: TRL configs default ``bf16=True``, and constructing
-      one without a bf16-capable accelerator raises.
+      one without a bf16-capable accelerator raises; on a GPU, bf16 or fp16 by what it supports
+      (``profiles.precision_flags``).
     * ``report_to="none"``: no wandb/tensorboard autodetection.
     * ``activation_checkpointing=False``: TRL defaults (gradient) checkpointing to True, which saves
       memory on a GPU and costs a second forward pass, a bad trade on a CPU with small models.
@@ -130,7 +132,7 @@ def trl_args(config_class, output_dir: str | Path, **overrides):
     defaults = dict(
         output_dir=str(output_dir),
         use_cpu=cpu,
-        bf16=(not cpu) and torch.cuda.is_bf16_supported(),
+        **precision_flags(cpu),
         report_to="none",
         activation_checkpointing=False,
         save_strategy="no",
@@ -392,18 +394,17 @@ def ppo_config_same_budget(config: BeyondPPOConfig):
     The step size is kept near RLOO's and GRPO's (``ppo_learning_rate`` near ``rl_learning_rate``) and
     β at the seed's 0.2 (``ppo_init_kl_coef``), rather than notebook 07's laptop values (lr 5e-4, β 0.05,
     tuned for 55 steps of 64): with a handful of rounds the comparison is about the algorithms, not
-    about who got the larger learning rate.  The full profile keeps ``PPOConfig``'s seed values.
+    about who got the larger learning rate.  Both profiles: the same budget is the point of the
+    comparison (the seed's 1.41e-5 beside RLOO's 2e-4 would compare step sizes, not methods).
     """
     from rlhf_course.rl import ppo
-    from rlhf_course.core.profiles import current_profile
 
     completions = config.rl_prompts_per_round * config.rl_num_generations
     return ppo.PPOConfig.for_profile(steps=config.rl_rounds, batch_size=completions,
-                                     mini_batch_size=completions // config.rl_minibatches,
+                                     mini_batch_size=max(1, completions // config.rl_minibatches),
                                      ppo_epochs=config.rl_epochs, seed=config.seed,
-                                     **({} if current_profile().is_full else
-                                        dict(learning_rate=config.ppo_learning_rate, init_kl_coef=config.ppo_init_kl_coef,
-                                             forward_batch_size=config.ppo_forward_batch_size)))
+                                     learning_rate=config.ppo_learning_rate, init_kl_coef=config.ppo_init_kl_coef,
+                                     forward_batch_size=config.ppo_forward_batch_size)
 
 
 def train_ppo_same_budget(queries: list[list[int]], reward: SentimentReward, config: BeyondPPOConfig,
