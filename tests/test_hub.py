@@ -58,7 +58,7 @@ def test_a_pre_downloaded_folder_comes_first(layout, tmp_path, empty_hf_cache, m
 
 def test_the_hf_cache_is_read_offline_and_the_full_profile_loads_the_model(tmp_path):
     cache = tmp_path / "hub"
-    standins.MODELS[GPT2_IMDB](standins.snapshot_folder(cache, GPT2_IMDB))
+    standins.MODELS[GPT2_IMDB](standins.snapshot_folder(cache, GPT2_IMDB), width=32)
     result = run_python("from rlhf_course.core import assets, hub\n"
                         f"print(hub.resolve({GPT2_IMDB!r}))\n"
                         "print(type(assets.load('gpt2-imdb')).__name__)",

@@ -13,7 +13,7 @@ chatterbot-zh for hh_rlhf_cn, rotten-tomatoes snippets for IMDB).  Tokenizers ar
 where the seed's own cannot ship offline: GPT-2's BPE (gpt2-imdb, and Bloom's stand-in), BERT-uncased
 WordPiece from MiniLM (DistilBERT's own vocabulary), SmolLM2's BPE (Qwen2's stand-in).
 
-    python -m rlhf_course.course.standins /tmp/hub   # build, then print the environment to export
+    python -m rlhf_course.course.standins /tmp/hub [WIDTH]  # build, then print the environment to export
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ HH_RLHF_QUIRKS = [
 ]
 PAIRS = {"train": 96, "test": 32}  # preference pairs per split (hh-rlhf and hh_rlhf_cn)
 REVIEWS = {"train": 256, "test": 128, "unsupervised": 64}  # IMDB stand-in rows per split
-TINY = dict(layers=2, width=64, heads=2)
+TINY = dict(layers=2, width=64, heads=2)  # build_standins(width=...) can shrink them further (a GPU check's upload)
 
 
 def snapshot_folder(cache: Path, hub_id: str, repo_type: str = "model") -> Path:
@@ -54,38 +54,38 @@ def snapshot_folder(cache: Path, hub_id: str, repo_type: str = "model") -> Path:
 # ----------------------------------------------------------------------------- models
 
 
-def _gpt2_imdb(folder: Path) -> None:
+def _gpt2_imdb(folder: Path, width: int) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from rlhf_course.core import assets
 
     tokenizer = assets.gpt2_tokenizer()
-    config = GPT2Config(n_layer=TINY["layers"], n_embd=TINY["width"], n_head=TINY["heads"], n_positions=256,
+    config = GPT2Config(n_layer=TINY["layers"], n_embd=width, n_head=TINY["heads"], n_positions=256,
                         vocab_size=len(tokenizer))
     GPT2LMHeadModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
 
-def _distilbert_imdb(folder: Path) -> None:
+def _distilbert_imdb(folder: Path, width: int) -> None:
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
     from rlhf_course.core import assets
 
     tokenizer = assets.minilm_tokenizer()  # BERT-uncased WordPiece, DistilBERT's vocabulary
-    config = DistilBertConfig(n_layers=TINY["layers"], dim=TINY["width"], hidden_dim=2 * TINY["width"],
+    config = DistilBertConfig(n_layers=TINY["layers"], dim=width, hidden_dim=2 * width,
                               n_heads=TINY["heads"], vocab_size=len(tokenizer), num_labels=2,
                               id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})
     DistilBertForSequenceClassification(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
 
-def _qwen2(folder: Path) -> None:
+def _qwen2(folder: Path, width: int) -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from rlhf_course.core import assets
 
     tokenizer = assets.smollm2_tokenizer()
-    config = Qwen2Config(num_hidden_layers=TINY["layers"], hidden_size=TINY["width"], intermediate_size=2 * TINY["width"],
+    config = Qwen2Config(num_hidden_layers=TINY["layers"], hidden_size=width, intermediate_size=2 * width,
                          num_attention_heads=TINY["heads"], num_key_value_heads=1, vocab_size=len(tokenizer),
                          max_position_embeddings=512, tie_word_embeddings=True,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -93,14 +93,14 @@ def _qwen2(folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def _bloom(folder: Path) -> None:
+def _bloom(folder: Path, width: int) -> None:
     from transformers import BloomConfig, BloomForCausalLM
 
     from rlhf_course.core import assets
 
     tokenizer = assets.gpt2_tokenizer()
     tokenizer.pad_token = None  # Bloom has a pad token of its own; the course's loaders must cope either way
-    config = BloomConfig(n_layer=TINY["layers"], hidden_size=TINY["width"], n_head=TINY["heads"],
+    config = BloomConfig(n_layer=TINY["layers"], hidden_size=width, n_head=TINY["heads"],
                          vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id)
     BloomForCausalLM(config).save_pretrained(folder)
@@ -178,14 +178,15 @@ DATASETS = {
 }
 
 
-def build_standins(cache: Path | str) -> Path:
-    """Write every stand-in into the Hugging Face cache folder ``cache`` (``HF_HUB_CACHE``); returns it."""
+def build_standins(cache: Path | str, width: int = TINY["width"]) -> Path:
+    """Write every stand-in (models ``width`` wide) into the Hugging Face cache folder ``cache``
+    (``HF_HUB_CACHE``); returns it."""
     import torch
 
     cache = Path(cache)
     torch.manual_seed(0)
     for hub_id, build in MODELS.items():
-        build(snapshot_folder(cache, hub_id, "model"))
+        build(snapshot_folder(cache, hub_id, "model"), width)
     for hub_id, build in DATASETS.items():
         build(snapshot_folder(cache, hub_id, "dataset"))
     return cache
@@ -215,7 +216,7 @@ def share_base_assets(home: Path | str) -> None:
 
 if __name__ == "__main__":
     home = Path(sys.argv[1] if len(sys.argv) > 1 else "standin-hub")
-    build_standins(home / "hub")
+    build_standins(home / "hub", int(sys.argv[2]) if len(sys.argv) > 2 else TINY["width"])
     share_base_assets(home)
     for name, value in standin_environment(home).items():
         print(f"export {name}={value}")

@@ -116,13 +116,13 @@ def best_and_worst(scored: pd.DataFrame, k: int = 3, width: int = 70) -> pd.Data
     }).reset_index(drop=True)
 
 
-def reference_table(laptop_rows: list[dict]) -> pd.DataFrame:
-    """The laptop runs' figures (computed now) beside the seeds' full-profile references.
+def reference_table(this_run_rows: list[dict], profile: str = "laptop") -> pd.DataFrame:
+    """This run's figures (computed now, in ``profile``) beside the seeds' full-profile references.
 
     Columns ``REFERENCE_COLUMNS``: accuracy, mean chosen and rejected score (DeepSpeed-Chat's log) and
     the mean margin (ColossalAI's ``dist``); a figure a row does not have is left empty.
     """
-    rows = [{"profile": "laptop (this run)", **row} for row in laptop_rows]
+    rows = [{"profile": f"{profile} (this run)", **row} for row in this_run_rows]
     rows += [{"profile": "full (seed's report)", **row} for row in SEED_REFERENCES]
     return pd.DataFrame(rows, columns=REFERENCE_COLUMNS)
 

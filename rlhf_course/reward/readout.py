@@ -184,13 +184,15 @@ def encode(model, tokenizer, texts: list[str], padding_side: str = "right", batc
         mask = attention_mask_from_ids(ids, tokenizer.pad_token_id)
     causal = hasattr(model, "lm_head")  # a *ForCausalLM: run its backbone, skip the LM head
     backbone = model.get_decoder() if causal else model
+    device = next(model.parameters()).device
     states = []
     for start in range(0, len(texts), batch_size):
         piece = slice(start, start + batch_size)
         kwargs = {"input_ids": ids[piece], "attention_mask": mask[piece]}
         if padding_side == "left" and causal:  # positions must start at the first real token
             kwargs["position_ids"] = (mask[piece].long().cumsum(dim=1) - 1).clamp(min=0)
-        states.append(backbone(**kwargs).last_hidden_state)
+        kwargs = {name: tensor.to(device) for name, tensor in kwargs.items()}  # on the model's device, back on the CPU
+        states.append(backbone(**kwargs).last_hidden_state.cpu())
     return Encoded(ids, mask, torch.cat(states))
 
 
