@@ -253,3 +253,13 @@ def test_held_out_curve_shares_its_pairs_between_languages():
     picked = HeldOutCurve.pick(frame, 4)
     assert picked["language"].tolist() == ["en", "en", "zh", "zh"] and picked["prompt"].tolist() == ["p0", "p1", "p6", "p7"]
     assert HeldOutCurve.pick(frame[frame.language == "en"], 4)["prompt"].tolist() == ["p0", "p1", "p2", "p3"]
+
+
+def test_char_ngram_naive_bayes_scores_by_hand_and_refuses_other_labels():
+    score = reward_eval.char_ngram_naive_bayes(["很好", "很差", "好", "差"], [1, 0, 1, 0])
+    # vocabulary {很, 好, 差, 很好, 很差}: 5; label 1 counts 很 1, 好 2, 很好 1 (4 grams + 5), label 0 the mirror image
+    assert score("好") == pytest.approx(math.log(3 / 9) - math.log(1 / 9))
+    assert score("差") == pytest.approx(-score("好")) and score("很") == pytest.approx(0.0)
+    assert score("好") > 0 > score("差")
+    with pytest.raises(ValueError, match="labels must be 0 or 1, got 2"):
+        reward_eval.char_ngram_naive_bayes(["好"], [2])

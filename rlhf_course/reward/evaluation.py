@@ -91,6 +91,33 @@ def longer_answer_baseline(frame: pd.DataFrame, tokenizer=None) -> dict:
             "ties": float((chosen == rejected).mean())}
 
 
+def char_ngram_naive_bayes(texts, labels, n: int = 2):
+    """A multinomial naive Bayes over character 1..n-grams (add-one smoothing) for labels 1 / 0.
+
+    Returns ``score(text)``, the log-odds of label 1 up to a constant.  A model-free yardstick for short
+    Chinese text, where single characters and character pairs carry most of the sentiment (no word
+    segmentation needed): notebook 05 uses it to ask how far any model can go on the review labels.
+    """
+    import math
+    from collections import Counter
+
+    def grams(text):
+        return [text[i:i + k] for k in range(1, n + 1) for i in range(len(text) - k + 1)]
+
+    counts = {0: Counter(), 1: Counter()}
+    for text, label in zip(texts, labels):
+        if label not in counts:
+            raise ValueError(f"labels must be 0 or 1, got {label!r} for {text!r}")
+        counts[label].update(grams(text))
+    vocabulary = len(counts[0].keys() | counts[1].keys())
+    totals = {label: sum(c.values()) + vocabulary for label, c in counts.items()}
+
+    def score(text: str) -> float:
+        return sum(math.log((counts[1][g] + 1) / totals[1]) - math.log((counts[0][g] + 1) / totals[0]) for g in grams(text))
+
+    return score
+
+
 def accuracy_by(scored: pd.DataFrame, column: str = "language") -> pd.DataFrame:
     """Accuracy, its standard error sqrt(p (1 - p) / n), pair count and mean margin per value of ``column``."""
     grouped = scored.groupby(column)
