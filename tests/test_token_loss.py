@@ -238,8 +238,8 @@ def test_vectorised_loss_makes_the_same_torch_calls_at_any_batch_size():
             with _CountTorchCalls() as counter:
                 loss_fn(**batch)
             counts[loss_fn.__name__, size] = counter.calls
-    assert counts["token_level_pairwise_loss", 2] == counts["token_level_pairwise_loss", 32] < 110
-    assert counts["token_level_pairwise_loss_reference", 32] > 8 * counts["token_level_pairwise_loss", 32]
+    assert counts["token_level_pairwise_loss", 2] == counts["token_level_pairwise_loss", 32] < 100
+    assert counts["token_level_pairwise_loss_reference", 32] > 10 * counts["token_level_pairwise_loss", 32]
 
 
 def test_loss_trains_values_apart():

@@ -83,37 +83,24 @@ def _validate(chosen_values, rejected_values, chosen_ids, rejected_ids, chosen_m
     return _mask_lengths("chosen_mask", chosen_mask), _mask_lengths("rejected_mask", rejected_mask)
 
 
-def _right_padded_lengths(mask: torch.Tensor) -> torch.Tensor | None:
-    """Real tokens per row (int64) if ``mask`` is right-padded 0/1 with a real token in every row, else None.
-
-    A few reductions, no comparison against a rebuilt mask: the values are 0 or 1, every row has a one,
-    and the positions of a row's ones sum to ``0 + 1 + ... + (length - 1)``, which only the first
-    ``length`` positions do (any other set of ``length`` distinct positions sums to more).
-    """
-    mask = mask.long()
-    low, high = mask.aminmax()
-    if not (low.item() >= 0 and high.item() <= 1):
-        return None
-    small = torch.int32 if mask.shape[1] <= 2**15 else torch.int64  # 0/1: 2 * sum of positions fits in int32
-    ones = mask.to(small)
-    lengths = ones.sum(dim=1, dtype=small)
-    positions = torch.arange(mask.shape[1], device=mask.device, dtype=small)
-    position_sums = (ones * positions).sum(dim=1, dtype=small)
-    if lengths.min().item() >= 1 and torch.equal(position_sums * 2, lengths * (lengths - 1)):
-        return lengths.long()
-    return None
-
-
 def _mask_lengths(name: str, mask: torch.Tensor) -> torch.Tensor:
     """Real tokens per row of ``mask``; raises unless it is right-padded 0/1 with a real token in every row.
 
-    ``_right_padded_lengths`` first; a mask that fails it goes through the explicit comparison below,
-    which names the first bad row.
+    Fast check (a few reductions, no comparison against a rebuilt mask): the values are 0 or 1, every
+    row has a one, and the positions of a row's ones sum to ``0 + 1 + ... + (length - 1)``, which only
+    the first ``length`` positions do (any other set of ``length`` distinct positions sums to more).
+    A mask that fails it goes through the explicit comparison below, which names the first bad row.
     """
-    lengths = _right_padded_lengths(mask)
-    if lengths is not None:
-        return lengths
     mask = mask.long()
+    low, high = mask.aminmax()
+    if low.item() >= 0 and high.item() <= 1:  # 0/1: a narrower integer type is exact
+        small = torch.int32 if mask.shape[1] <= 2**15 else torch.int64  # 2 * sum of positions fits in int32
+        ones = mask.to(small)
+        lengths = ones.sum(dim=1, dtype=small)
+        positions = torch.arange(mask.shape[1], device=mask.device, dtype=small)
+        position_sums = (ones * positions).sum(dim=1, dtype=small)
+        if lengths.min().item() >= 1 and torch.equal(position_sums * 2, lengths * (lengths - 1)):
+            return lengths.long()
     lengths = mask.sum(dim=1)
     if (lengths == 0).any():
         row = int((lengths == 0).nonzero()[0])
@@ -205,7 +192,8 @@ def _window_weights(divergence, end, seq_len: int, dtype) -> torch.Tensor:
     positions = torch.arange(seq_len, device=divergence.device, dtype=torch.float32)
     from_divergence = (positions - divergence.unsqueeze(1)).add_(1).clamp_(0, 1)  # 1 where t >= divergence
     before_end = (end.unsqueeze(1) - positions).clamp_(0, 1)  # 1 where t < end
-    return from_divergence.mul_(before_end).to(dtype)
+    weights = from_divergence.mul_(before_end)
+    return weights if dtype == torch.float32 else weights.to(dtype)
 
 
 def token_level_pairwise_loss(
@@ -220,15 +208,16 @@ def token_level_pairwise_loss(
     )
     count = end - divergence
     # Accumulate in at least fp32: an fp16 sum of many large terms overflows where a mean would not.
-    accumulate = torch.promote_types(chosen_values.dtype, torch.float32)
+    dtype = chosen_values.dtype
+    accumulate = torch.promote_types(dtype, torch.float32)
     # Fast form: -log sigma(difference) is kept in the window by multiplying with 1 and dropped elsewhere by
     # multiplying with 0.  Every term is >= 0, so when each pair's sum is finite and positive, nothing outside
     # the window was NaN or -inf (0 * NaN = NaN would show) and the sums are exactly those of the masked form.
-    window = _window_weights(divergence, end, chosen_values.shape[1], chosen_values.dtype)
+    window = _window_weights(divergence, end, chosen_values.shape[1], dtype)
     difference = chosen_values - rejected_values
     sums = (F.logsigmoid(difference) * window).sum(dim=1, dtype=accumulate).neg()
     loss = (sums / count).mean()
-    low, high = sums.detach().aminmax()
+    low, high = sums.aminmax()
     if not (low.item() > 0 and high.item() < math.inf):
         # Masked form: the difference is replaced by 0 outside the window *before* the arithmetic, so a NaN or
         # inf there (padding, say) gets a zero gradient, as in the loop, which slices the window out.
@@ -237,7 +226,7 @@ def token_level_pairwise_loss(
         loss = (sums / count).mean()
     batch = torch.arange(chosen_values.shape[0], device=chosen_values.device)
     return TokenLossOutput(
-        loss=loss.to(chosen_values.dtype),
+        loss=loss if accumulate == dtype else loss.to(dtype),  # the loss was accumulated in at least fp32
         chosen_scores=chosen_values[batch, chosen_lengths - 1],
         rejected_scores=rejected_values[batch, rejected_lengths - 1],
     )
