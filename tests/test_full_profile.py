@@ -37,3 +37,31 @@ def test_notebook_runs_in_the_full_profile(notebook, standin_home, monkeypatch):
     errors = [output for cell in executed.cells for output in cell.get("outputs", [])
               if output.get("output_type") == "error"]
     assert not errors
+
+
+def test_notebooks_build_their_configs_through_for_profile():
+    """A config built as ``Config(...)`` skips its profile's values: the laptop overrides and, in smoke
+    mode, the smoke sizes (09 once ran its full DPO / RLOO / GRPO budgets on the stand-ins that way)."""
+    import re
+
+    import nbformat
+
+    from rlhf_course.core.config import ProfileConfig
+    from rlhf_course.policy import sentiment, sft, smollm2_sft  # noqa: F401  (register the subclasses)
+    from rlhf_course.reward import training  # noqa: F401
+    from rlhf_course.rl import beyond_ppo, ppo, tricks  # noqa: F401
+
+    def subclasses(cls):
+        return {sub for direct in cls.__subclasses__() for sub in {direct} | subclasses(direct)}
+
+    names = sorted(cls.__name__ for cls in subclasses(ProfileConfig))
+    assert "BeyondPPOConfig" in names and "PPOConfig" in names
+    direct_call = re.compile(r"\b(" + "|".join(names) + r")\((?!\))")  # Config() alone: the reference defaults, shown
+    found = {}
+    for notebook in notebook_paths():
+        cells = nbformat.read(notebook, as_version=4).cells
+        calls = [match.group(0) for cell in cells if cell.cell_type == "code"
+                 for match in direct_call.finditer(cell.source)]
+        if calls:
+            found[notebook.name] = calls
+    assert not found, f"build these with Config.for_profile(session.profile, ...): {found}"
