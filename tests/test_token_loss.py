@@ -292,3 +292,21 @@ def test_token_loss_finite_with_huge_values_in_every_dtype(dtype):
         (grad,) = torch.autograd.grad(loss, batch["chosen_values"])
         assert torch.isfinite(loss) and torch.isfinite(grad).all()
         assert loss.float().item() == pytest.approx(2e4, rel=1e-2)
+
+
+@pytest.mark.parametrize("seq_len", [6, 5000])  # 5000: past float32's exact position sums, checked in float64
+def test_masks_of_any_dtype_are_checked_not_truncated(seq_len):
+    batch = tl.random_pair_batch(3, seq_len, vocab=9, seed=4)
+    expected = tl.token_level_pairwise_loss(**batch).loss
+    for cast in (torch.bool, torch.int32, torch.float32):
+        same = dict(batch, chosen_mask=batch["chosen_mask"].to(cast), rejected_mask=batch["rejected_mask"].to(cast))
+        assert torch.equal(tl.token_level_pairwise_loss(**same).loss, expected)
+    # A fraction used to be truncated to 0 by .long(): [1, ..., 1, 0.5, 0, ...] passed as a row one token shorter.
+    fractional = batch["rejected_mask"].float()
+    fractional[1, int(fractional[1].sum()) - 1] = 0.5
+    with pytest.raises(ValueError, match=r"rejected_mask row 1 is not right-padded .* 0/1 values"):
+        tl.token_level_pairwise_loss(**dict(batch, rejected_mask=fractional))
+    gap = batch["chosen_mask"].clone()
+    gap[2, 0] = 0  # a hole at the start: same count of ones, wrong positions
+    with pytest.raises(ValueError, match="chosen_mask row 2 is not right-padded"):
+        tl.token_level_pairwise_loss_reference(**dict(batch, chosen_mask=gap))

@@ -80,38 +80,58 @@ def _validate(chosen_values, rejected_values, chosen_ids, rejected_ids, chosen_m
             f"got an empty batch (inputs of shape {tuple(shape)}): the loss is a mean over pairs, so pass at least one "
             "chosen/rejected pair."
         )
-    return _mask_lengths("chosen_mask", chosen_mask), _mask_lengths("rejected_mask", rejected_mask)
+    lengths = _right_padded_lengths(chosen_mask, rejected_mask)
+    if lengths is None:  # one of them is not a right-padded 0/1 mask: find which, and say so
+        return _mask_lengths("chosen_mask", chosen_mask), _mask_lengths("rejected_mask", rejected_mask)
+    return lengths[0], lengths[1]
+
+
+def _right_padded_lengths(*masks: torch.Tensor) -> torch.Tensor | None:
+    """Real tokens per row of each mask, stacked ``(len(masks), batch)``; ``None`` unless every mask is
+    right-padded 0/1 with a real token in every row.
+
+    Fast check (a few reductions over all masks at once, no comparison against a rebuilt mask): the values
+    lie in [0, 1], every row has a one, and the positions of a row's mass sum to ``0 + 1 + ... + (length - 1)``,
+    which only the first ``length`` positions filled with ones do (any other arrangement of that mass sums to
+    more).  The position sums are one matrix-vector product in floating point, exact because every partial
+    sum is an integer below 2**24 (float32, rows up to 4096 positions) or 2**53 (float64, longer rows);
+    integer reductions cost about twice as much on a CPU, and at 64 x 512 each call costs more than its
+    arithmetic, hence one pass over both masks.
+    """
+    seq_len = masks[0].shape[1]
+    exact = torch.float32 if seq_len <= 4096 else torch.float64
+    ones = torch.empty((len(masks), *masks[0].shape), device=masks[0].device, dtype=exact)
+    for copy, mask in zip(ones, masks):
+        copy.copy_(mask)
+    low, high = ones.aminmax()
+    if not (low.item() >= 0 and high.item() <= 1):
+        return None
+    lengths = ones.sum(dim=2)
+    position_sums = ones @ torch.arange(seq_len, device=ones.device, dtype=exact)
+    if lengths.min().item() >= 1 and torch.equal(position_sums * 2, lengths * (lengths - 1)):
+        return lengths.long()
+    return None
 
 
 def _mask_lengths(name: str, mask: torch.Tensor) -> torch.Tensor:
-    """Real tokens per row of ``mask``; raises unless it is right-padded 0/1 with a real token in every row.
-
-    Fast check (a few reductions, no comparison against a rebuilt mask): the values are 0 or 1, every
-    row has a one, and the positions of a row's ones sum to ``0 + 1 + ... + (length - 1)``, which only
-    the first ``length`` positions do (any other set of ``length`` distinct positions sums to more).
-    A mask that fails it goes through the explicit comparison below, which names the first bad row.
-    """
-    mask = mask.long()
-    low, high = mask.aminmax()
-    if low.item() >= 0 and high.item() <= 1:  # 0/1: a narrower integer type is exact
-        small = torch.int32 if mask.shape[1] <= 2**15 else torch.int64  # 2 * sum of positions fits in int32
-        ones = mask.to(small)
-        lengths = ones.sum(dim=1, dtype=small)
-        positions = torch.arange(mask.shape[1], device=mask.device, dtype=small)
-        position_sums = (ones * positions).sum(dim=1, dtype=small)
-        if lengths.min().item() >= 1 and torch.equal(position_sums * 2, lengths * (lengths - 1)):
-            return lengths.long()
-    lengths = mask.sum(dim=1)
+    """Real tokens per row of ``mask``; raises unless it is right-padded 0/1 with a real token in every row,
+    naming the first bad row."""
+    lengths = _right_padded_lengths(mask)
+    if lengths is not None:
+        return lengths[0]
+    values = mask.to(torch.float64)  # not .long(): a fraction such as 0.5 must not truncate to a valid 0
+    lengths = values.sum(dim=1)
     if (lengths == 0).any():
         row = int((lengths == 0).nonzero()[0])
         raise ValueError(f"{name} row {row} has no real token; drop empty sequences before the loss.")
     positions = torch.arange(mask.shape[1], device=mask.device)
-    right_padded = (positions[None, :] < lengths[:, None]).long()
-    row = int((mask != right_padded).any(dim=1).nonzero()[0])
+    right_padded = (positions[None, :] < lengths[:, None]).to(torch.float64)
+    bad_rows = (values != right_padded).any(dim=1).nonzero()
+    row = int(bad_rows[0]) if len(bad_rows) else 0
     raise ValueError(
-        f"{name} row {row} is not right-padded (real tokens first, then padding): "
+        f"{name} row {row} is not right-padded (real tokens first, then padding) with 0/1 values: "
         f"{mask[row].tolist()}. This loss finds lengths and the divergence index from the left, so "
-        "tokenize with tokenizer.padding_side = 'right'."
+        "tokenize with tokenizer.padding_side = 'right' and pass the tokenizer's attention_mask."
     )
 
 
@@ -183,16 +203,19 @@ def _checked_windows(chosen_ids, rejected_ids, chosen_mask, rejected_mask, chose
     return divergence, end
 
 
-def _window_weights(divergence, end, seq_len: int, dtype) -> torch.Tensor:
-    """1.0 at the positions ``divergence <= t < end`` of each row, 0.0 elsewhere.
+def _negative_window_weights(divergence, end, width, seq_len: int, dtype) -> torch.Tensor:
+    """-1.0 at the positions ``divergence <= t < end`` (``width = end - divergence``) of each row, 0.0 elsewhere.
 
-    Clamped float arithmetic, which a CPU vectorises: two comparisons, an ``and`` and a cast to float take
-    about 2.5x longer at 64 x 512.  Exact while positions fit a float32 mantissa (below 2**24 tokens).
+    For integers, ``divergence <= t < end`` is ``|2t - (divergence + end - 1)| < end - divergence``, and the
+    left side is then at most ``end - divergence - 1``: so ``clamp(|2t - centre| - width, -1, 0)`` is the
+    window, negated, in four float operations that a CPU vectorises (two comparisons, an ``and`` and a cast
+    to float take about 2.5x longer at 64 x 512).  Negated because the loss is ``-log sigma``: the sign rides
+    on the weights instead of costing an operation (and a backward step) of its own; negation is exact.
+    Exact while positions fit a float32 mantissa (below 2**23 tokens).
     """
-    positions = torch.arange(seq_len, device=divergence.device, dtype=torch.float32)
-    from_divergence = (positions - divergence.unsqueeze(1)).add_(1).clamp_(0, 1)  # 1 where t >= divergence
-    before_end = (end.unsqueeze(1) - positions).clamp_(0, 1)  # 1 where t < end
-    weights = from_divergence.mul_(before_end)
+    twice_positions = torch.arange(0, 2 * seq_len, 2, device=divergence.device, dtype=torch.float32)
+    centre = (divergence + end - 1).unsqueeze(1)
+    weights = (twice_positions - centre).abs_().sub_(width.unsqueeze(1)).clamp_(-1, 0)
     return weights if dtype == torch.float32 else weights.to(dtype)
 
 
@@ -210,18 +233,18 @@ def token_level_pairwise_loss(
     # Accumulate in at least fp32: an fp16 sum of many large terms overflows where a mean would not.
     dtype = chosen_values.dtype
     accumulate = torch.promote_types(dtype, torch.float32)
-    # Fast form: -log sigma(difference) is kept in the window by multiplying with 1 and dropped elsewhere by
-    # multiplying with 0.  Every term is >= 0, so when each pair's sum is finite and positive, nothing outside
+    # Fast form: log sigma(difference) is kept (negated) in the window by multiplying with -1 and dropped
+    # elsewhere by multiplying with 0.  Every term is >= 0, so when each pair's sum is finite and positive, nothing outside
     # the window was NaN or -inf (0 * NaN = NaN would show) and the sums are exactly those of the masked form.
-    window = _window_weights(divergence, end, chosen_values.shape[1], dtype)
+    negative_window = _negative_window_weights(divergence, end, count, chosen_values.shape[1], dtype)
     difference = chosen_values - rejected_values
-    sums = (F.logsigmoid(difference) * window).sum(dim=1, dtype=accumulate).neg()
+    sums = (F.logsigmoid(difference) * negative_window).sum(dim=1, dtype=accumulate)
     loss = (sums / count).mean()
     low, high = sums.aminmax()
     if not (low.item() > 0 and high.item() < math.inf):
         # Masked form: the difference is replaced by 0 outside the window *before* the arithmetic, so a NaN or
         # inf there (padding, say) gets a zero gradient, as in the loop, which slices the window out.
-        window = window.bool()
+        window = negative_window.bool()
         sums = torch.where(window, -F.logsigmoid(torch.where(window, difference, 0)), 0).sum(dim=1, dtype=accumulate)
         loss = (sums / count).mean()
     batch = torch.arange(chosen_values.shape[0], device=chosen_values.device)
