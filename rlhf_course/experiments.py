@@ -87,8 +87,12 @@ SWEEPS = {
 
 
 def run_rows(sweep: Sweep, arm: str, seed: int, profile: str = "laptop", device: str = "cpu",
-             progress: bool = True) -> list[dict]:
-    """Train one arm with one seed; return its rows (without the run-level columns)."""
+             progress: bool = True, steps: int | None = None, heldout: bool = True) -> list[dict]:
+    """Train one arm with one seed; return its rows (without the run-level columns).
+
+    ``steps`` cuts the run short and ``heldout=False`` skips the held-out evaluations (``replay`` uses both):
+    PPO seeds itself when it starts, so the training rows of the first steps do not depend on either.
+    """
     import torch
 
     from rlhf_course.policy import sentiment
@@ -104,7 +108,7 @@ def run_rows(sweep: Sweep, arm: str, seed: int, profile: str = "laptop", device:
     else:
         raise ValueError(f"arm {arm!r}: a separate critic is built for the laptop's LoRA policy only")
     config = lora_policy.ppo_start_config(profile)
-    steps = sweep.steps or config.steps
+    steps = steps or sweep.steps or config.steps
     config = dataclasses.replace(config, **changes, steps=steps, seed=seed)
     config.validate()
     reward_fn, judge = sentiment.sentiment_reward(device), GoldJudge()
@@ -125,14 +129,42 @@ def run_rows(sweep: Sweep, arm: str, seed: int, profile: str = "laptop", device:
     def callback(step: int, metrics: dict, history: list) -> None:
         rows.extend({"step": step + 1, "metric": f"train_{name}", "value": float(metrics[name])}
                     for name in HISTORY_METRICS if name in metrics)
-        if (step + 1) % sweep.eval_every == 0 or step + 1 == steps:
+        if heldout and ((step + 1) % sweep.eval_every == 0 or step + 1 == steps):
             evaluate(step + 1)
 
     torch.manual_seed(seed)
-    evaluate(0)
+    if heldout:
+        evaluate(0)
     ppo.train_ppo(config, policy, reference, tokenizer, reward_fn, train_queries, callback=callback,
                   progress=progress, device=device)
     return rows
+
+
+def replay(sweep: Sweep, frame, arm: str, seed: int, steps: int = 2, profile: str = "laptop", device: str = "cpu",
+           metrics: tuple[str, ...] = ("train_reward_mean", "train_kl", "train_value_loss", "train_entropy")):
+    """Re-run the first ``steps`` PPO steps of a logged run and set its training metrics beside the logged ones.
+
+    The notebooks call this to show that a committed CSV came from the code they import: on the machine and
+    thread count that logged the run the numbers are identical; on another CPU the last bits of the float
+    arithmetic differ, sampled tokens can differ, and the replay drifts by about the step-to-step noise.
+    ``steps`` must stay below the run's first held-out evaluation, which reseeds the sampler mid-run.
+    """
+    import pandas as pd
+
+    if not 1 <= steps < sweep.eval_every:
+        raise ValueError(f"steps={steps}: replay 1 to {sweep.eval_every - 1} steps (the run's first held-out "
+                         f"evaluation at step {sweep.eval_every} reseeds the sampler, which a replay skips)")
+    logged = frame[(frame["arm"] == arm) & (frame["seed"] == seed) & (frame["profile"] == profile)
+                   & frame["metric"].isin(metrics) & frame["step"].between(1, steps)]
+    if logged.empty:
+        raise ValueError(f"no logged {profile}-profile rows for arm {arm!r}, seed {seed}, steps 1-{steps}: "
+                         f"run `python -m rlhf_course.experiments {sweep.name} --arms {arm}` first")
+    rows = [row for row in run_rows(sweep, arm, seed, profile, device, steps=steps, heldout=False)
+            if row["metric"] in metrics]
+    replayed = pd.DataFrame(rows).rename(columns={"value": "replayed"})
+    table = replayed.merge(logged[["step", "metric", "value"]].rename(columns={"value": "logged"}), on=["step", "metric"])
+    table["difference"] = table["replayed"] - table["logged"]
+    return table.set_index(["step", "metric"]).sort_index()
 
 
 # ============================================================================ the CSV
@@ -243,6 +275,48 @@ def arm_summary(frame, metric: str, step: int | None = None, baseline: str | Non
         summary["difference"] = difference
         summary["difference_in_se"] = difference / (summary["se"] ** 2 + base["se"] ** 2) ** 0.5
     return summary
+
+
+def arm_table(frame, metrics: dict[str, str], step: int | None = None, baseline: str = "base"):
+    """One row per arm, for display: the seeds, then per metric its mean with the 95% interval over seeds and
+    the difference from ``baseline`` in standard errors (blank where an arm or the baseline has one seed)."""
+    import pandas as pd
+
+    table = {}
+    for metric, label in metrics.items():
+        summary = arm_summary(frame, metric, step, baseline if baseline in set(frame["arm"]) else None)
+        table["seeds"] = summary["seeds"]
+        table[label] = [f"{row.mean:.3g} [{row.ci95_low:.3g}, {row.ci95_high:.3g}]" if row.seeds > 1
+                        else f"{row.mean:.3g} (one seed)" for row in summary.itertuples()]
+        if "difference_in_se" in summary:
+            table[f"{label} vs {baseline}, s.e."] = summary["difference_in_se"].round(1)
+    return pd.DataFrame(table, index=summary.index)
+
+
+def plot_arms(frame, metrics: dict[str, str], step: int | None = None, arms: list[str] | None = None):
+    """One panel per metric: each seed's value as a dot and the mean with its 95% interval as a bar, per arm."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    for axis, (metric, label) in zip(axes[0], metrics.items()):
+        summary = arm_summary(frame, metric, step)
+        order = [arm for arm in (arms or summary.index) if arm in summary.index]
+        rows = frame[frame["metric"] == metric]
+        rows = rows[rows["step"] == (step if step is not None else rows["step"].max())]
+        for x, arm in enumerate(order):
+            values = rows[rows["arm"] == arm]["value"]
+            axis.plot([x] * len(values), values, "o", color="grey", alpha=0.6, markersize=4)
+            mean, low, high = summary.loc[arm, ["mean", "ci95_low", "ci95_high"]]
+            if summary.loc[arm, "seeds"] > 1:
+                axis.errorbar(x, mean, yerr=[[mean - low], [high - mean]], fmt="s", color="C0", capsize=4)
+            else:
+                axis.plot(x, mean, "s", color="C0", fillstyle="none")
+        axis.set_xticks(range(len(order)), order, rotation=45, ha="right")
+        axis.set_title(label)
+        axis.grid(axis="y", alpha=0.3)
+    fig.suptitle("per arm: seeds (dots), mean and 95% t-interval (squares, bars; open square: one seed)")
+    fig.tight_layout()
+    return fig
 
 
 # ============================================================================ command line

@@ -116,3 +116,28 @@ def test_a_separate_critic_keeps_value_gradients_out_of_the_actor():
     critic_grads = [p.grad for n, p in critic.lm.named_parameters() if "lora_B" in n]
     assert all(g is None or not g.any() for g in actor_grads)
     assert any(g is not None and g.any() for g in critic_grads)
+
+
+def test_replay_sets_a_short_rerun_beside_the_logged_rows(sweep, tmp_path, monkeypatch):
+    logged = pd.DataFrame([
+        {"sweep": "toy", "arm": "a", "seed": 0, "step": step, "metric": metric, "value": value, "seconds": 1.0,
+         "machine": "m", "commit": "c", "profile": "laptop"}
+        for step, metric, value in [(1, "train_kl", 0.5), (2, "train_kl", 0.7), (3, "train_kl", 0.9),
+                                    (1, "train_reward_mean", 0.1), (2, "train_reward_mean", 0.2)]])
+    calls = []
+
+    def short_run(sweep, arm, seed, profile, device, steps=None, heldout=True):
+        calls.append((arm, seed, steps, heldout))
+        return [{"step": s, "metric": m, "value": v} for s, m, v in
+                [(1, "train_kl", 0.5), (2, "train_kl", 0.75), (1, "train_reward_mean", 0.1), (2, "train_reward_mean", 0.2),
+                 (2, "train_grad_norm", 3.0)]]
+
+    monkeypatch.setattr(experiments, "run_rows", short_run)
+    table = experiments.replay(sweep, logged, "a", 0, steps=2, metrics=("train_kl", "train_reward_mean"))
+    assert calls == [("a", 0, 2, False)]  # short, and without the held-out evaluations
+    assert len(table) == 4 and table.loc[(2, "train_kl"), "difference"] == pytest.approx(0.05)
+    assert table.loc[(1, "train_reward_mean"), "difference"] == 0.0
+    with pytest.raises(ValueError, match="replay 1 to 4 steps"):
+        experiments.replay(sweep, logged, "a", 0, steps=5)
+    with pytest.raises(ValueError, match="no logged laptop-profile rows for arm 'b'"):
+        experiments.replay(sweep, logged, "b", 0, steps=2)
