@@ -195,6 +195,10 @@ def test_empty_batch_is_one_clear_error_in_both():
     for loss_fn in (tl.token_level_pairwise_loss, tl.token_level_pairwise_loss_reference):
         with pytest.raises(ValueError, match=r"empty batch \(inputs of shape \(0, 3\)\)"):
             loss_fn(**empty)
+    no_tokens = {key: value[:, :0] for key, value in _batch([([1, 2], [1, 3])], 3).items()}
+    for loss_fn in (tl.token_level_pairwise_loss, tl.token_level_pairwise_loss_reference):
+        with pytest.raises(ValueError, match=r"sequences of length 0 \(inputs of shape \(1, 0\)\)"):
+            loss_fn(**no_tokens)
 
 
 def test_negative_ids_take_the_general_path():

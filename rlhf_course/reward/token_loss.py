@@ -80,6 +80,10 @@ def _validate(chosen_values, rejected_values, chosen_ids, rejected_ids, chosen_m
             f"got an empty batch (inputs of shape {tuple(shape)}): the loss is a mean over pairs, so pass at least one "
             "chosen/rejected pair."
         )
+    if shape[1] == 0:
+        raise ValueError(
+            f"got sequences of length 0 (inputs of shape {tuple(shape)}): every pair needs at least one real token."
+        )
     lengths = _right_padded_lengths(chosen_mask, rejected_mask)
     if lengths is None:  # one of them is not a right-padded 0/1 mask: find which, and say so
         return _mask_lengths("chosen_mask", chosen_mask), _mask_lengths("rejected_mask", rejected_mask)
