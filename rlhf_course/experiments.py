@@ -302,7 +302,8 @@ def plot_arms(frame, metrics: dict[str, str], step: int | None = None, arms: lis
         summary = arm_summary(frame, metric, step)
         order = [arm for arm in (arms or summary.index) if arm in summary.index]
         rows = frame[frame["metric"] == metric]
-        rows = rows[rows["step"] == (step if step is not None else rows["step"].max())]
+        last = rows.groupby(["arm", "seed"])["step"].transform("max")  # each run's last step, as arm_summary
+        rows = rows[rows["step"] == (step if step is not None else last)]
         for x, arm in enumerate(order):
             values = rows[rows["arm"] == arm]["value"]
             axis.plot([x] * len(values), values, "o", color="grey", alpha=0.6, markersize=4)

@@ -141,3 +141,23 @@ def test_replay_sets_a_short_rerun_beside_the_logged_rows(sweep, tmp_path, monke
         experiments.replay(sweep, logged, "a", 0, steps=5)
     with pytest.raises(ValueError, match="no logged laptop-profile rows for arm 'b'"):
         experiments.replay(sweep, logged, "b", 0, steps=2)
+
+
+def test_arm_table_and_plot_arms_show_every_arm_with_its_interval(sweep, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    path = tmp_path / "toy.csv"
+    experiments.run_sweep(sweep, [0, 1, 2], path=path)
+    frame = experiments.load_sweep(path)
+    table = experiments.arm_table(frame, {"proxy_reward": "proxy"}, baseline="a")
+    assert table["seeds"].tolist() == [3, 3]
+    assert table.loc["a", "proxy"] == "2 [-0.484, 4.48]"  # mean 2, sd 1, t(0.975, 2) = 4.303
+    assert table.loc["b", "proxy vs a, s.e."] == pytest.approx(1.2)
+    one_seed = experiments.arm_table(frame[frame["seed"] == 0], {"proxy_reward": "proxy"}, baseline="a")
+    assert one_seed.loc["b", "proxy"] == "2 (one seed)"
+    fig = experiments.plot_arms(frame, {"proxy_reward": "proxy"}, arms=["b", "a", "missing"])
+    axis = fig.axes[0]
+    assert [label.get_text() for label in axis.get_xticklabels()] == ["b", "a"]
+    dots = [line for line in axis.lines if line.get_marker() == "o"]
+    assert sorted(dots[1].get_ydata()) == [1.0, 2.0, 3.0]  # arm a's three seeds at its last step, not step 0
