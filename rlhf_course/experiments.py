@@ -62,7 +62,7 @@ SWEEPS = {
         "critic", "07_critic.csv", {"shared": {}, "separate": {"critic": "separate"}}, steps=30,
         about="value head on the actor's trunk (TRL 0.x) vs a separate critic (DeepSpeed-Chat's layout), same recipe"),
     "tricks": Sweep(
-        "tricks", "08_ppo_tricks.csv", {
+        "tricks", "08_ppo_tricks_sweep.csv", {
             "base": {},
             "no_advantage_whitening": {"whiten_advantages": False},  # [37 detail 7]
             "reward_scaling": {"scale_rewards": True},  # [37 detail 5]

@@ -101,6 +101,20 @@ def test_list_names_every_sweep_and_its_csv(capsys):
         assert sweep.name in out and sweep.csv in out
 
 
+def test_every_sweep_logs_to_its_own_csv_that_no_notebook_overwrites():
+    """A sweep's CSV sat under the name of the table notebook 08 rewrites each run (08_ppo_tricks.csv)."""
+    import json
+    import re
+
+    written = set()
+    for notebook in experiments.RESULTS.parent.glob("*.ipynb"):
+        for cell in json.loads(notebook.read_text())["cells"]:
+            written |= set(re.findall(r'results"\) / "([^"]+)"', "".join(cell["source"])))
+    assert "08_ppo_tricks.csv" in written  # the scan finds what notebooks write
+    csvs = [sweep.csv for sweep in experiments.SWEEPS.values()]
+    assert len(set(csvs)) == len(csvs) and not set(csvs) & written
+
+
 def test_a_separate_critic_keeps_value_gradients_out_of_the_actor():
     lm = tiny_llama()
     critic_lm = copy.deepcopy(lm)
