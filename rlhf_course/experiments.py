@@ -33,6 +33,7 @@ DONE_METRIC = "run_seconds"  # the last row a run writes: its presence marks the
 HISTORY_METRICS = ("reward_mean", "kl", "value_loss", "return_mean", "return_var", "value_mean", "value_clip_fraction",
                    "clip_fraction", "approx_kl", "entropy", "grad_norm", "response_length", "eos_fraction",
                    "step_seconds")
+SAMPLE_COLUMNS = ("sweep", "arm", "seed", "step", "query", "response", "proxy", "gold", "kl", "length", "profile")
 HELDOUT_METRICS = {"proxy_reward": "proxy", "proxy_reward_se": "proxy_se", "gold_reward": "gold", "gold_reward_se": "gold_se",
                    "kl": "kl", "kl_se": "kl_se", "distinct_2": "distinct_2", "response_length": "length",
                    "eos_fraction": "eos_fraction"}
@@ -41,7 +42,9 @@ HELDOUT_METRICS = {"proxy_reward": "proxy", "proxy_reward_se": "proxy_se", "gold
 @dataclass
 class Sweep:
     """Arms (name -> changes to the PPO recipe; the key "critic" picks the critic layout) run for
-    ``steps`` PPO steps (None: the recipe's), held-out evaluation every ``eval_every`` steps."""
+    ``steps`` PPO steps (None: the recipe's), held-out evaluation every ``eval_every`` steps.  The held-out
+    responses, with their proxy and gold scores, go to ``samples_path``: at the first and last evaluation,
+    or at every one with ``samples_every_eval`` (to read what the policy writes as the scores part ways)."""
 
     name: str
     csv: str
@@ -51,10 +54,20 @@ class Sweep:
     n_eval: int = 64
     about: str = ""
     notebook_runs: dict = field(default_factory=dict)
+    samples_every_eval: bool = False
 
     @property
     def path(self) -> Path:
         return RESULTS / self.csv
+
+    @property
+    def samples_path(self) -> Path:
+        return samples_path(self.path)
+
+
+def samples_path(path: Path) -> Path:
+    """Where the held-out samples of the sweep CSV at ``path`` go: ``<stem>_samples.csv`` beside it."""
+    return path.with_name(f"{path.stem}_samples.csv")
 
 
 SWEEPS = {
@@ -79,7 +92,8 @@ SWEEPS = {
     "overoptimisation": Sweep(
         "overoptimisation", "08_overoptimisation.csv",
         {f"beta_{beta:g}": {"init_kl_coef": beta} for beta in (0.0, 0.02, 0.05, 0.1)}, steps=60,
-        about="proxy and gold reward against sqrt(KL) over long runs at several beta (Gao et al. 2023; issue 15)"),
+        about="proxy and gold reward against sqrt(KL) over long runs at several beta (Gao et al. 2023; issue 15)",
+        samples_every_eval=True),
 }
 
 
@@ -87,11 +101,13 @@ SWEEPS = {
 
 
 def run_rows(sweep: Sweep, arm: str, seed: int, profile: str = "laptop", device: str = "cpu",
-             progress: bool = True, steps: int | None = None, heldout: bool = True) -> list[dict]:
+             progress: bool = True, steps: int | None = None, heldout: bool = True,
+             samples: list[dict] | None = None) -> list[dict]:
     """Train one arm with one seed; return its rows (without the run-level columns).
 
     ``steps`` cuts the run short and ``heldout=False`` skips the held-out evaluations (``replay`` uses both):
     PPO seeds itself when it starts, so the training rows of the first steps do not depend on either.
+    Given a list, ``samples`` receives one dict per held-out response at the evaluations ``Sweep`` says.
     """
     import torch
 
@@ -121,6 +137,9 @@ def run_rows(sweep: Sweep, arm: str, seed: int, profile: str = "laptop", device:
                                                 reference, seed=1, device=device)
         rows.extend({"step": step, "metric": name, "value": float(result[key])} for name, key in HELDOUT_METRICS.items())
         start.setdefault("frame", result["frame"])
+        if samples is not None and (sweep.samples_every_eval or step in (0, steps)):
+            columns = ["query", "response", "proxy", "gold", "kl", "length"]
+            samples.extend({"step": step, **row} for row in result["frame"][columns].to_dict("records"))
         for score in ("proxy", "gold"):  # gains over the same openings at step 0, with paired standard errors
             gain = paired_gain(start["frame"][score], result["frame"][score])
             rows.extend([{"step": step, "metric": f"{score}_gain", "value": float(gain["gain"])},
@@ -170,15 +189,15 @@ def replay(sweep: Sweep, frame, arm: str, seed: int, steps: int = 2, profile: st
 # ============================================================================ the CSV
 
 
-def check_header(path: Path) -> None:
+def check_header(path: Path, columns: tuple[str, ...] = CSV_COLUMNS) -> None:
     """Refuse to read or extend a file that is not a sweep CSV (another table written at the same path)."""
     if not path.exists() or path.stat().st_size == 0:
         return
     with path.open(newline="") as file:
         header = next(csv.reader(file), [])
-    if tuple(header) != CSV_COLUMNS:
+    if tuple(header) != columns:
         raise ValueError(f"{path} is not a sweep CSV (its columns are {header[:6]}..., a sweep's are "
-                         f"{', '.join(CSV_COLUMNS)}); move it aside or pass --csv with another path")
+                         f"{', '.join(columns)}); move it aside or pass --csv with another path")
 
 
 def finished_runs(path: Path) -> set[tuple[str, str, int]]:
@@ -190,13 +209,13 @@ def finished_runs(path: Path) -> set[tuple[str, str, int]]:
         return {(r["sweep"], r["arm"], int(r["seed"])) for r in csv.DictReader(file) if r["metric"] == DONE_METRIC}
 
 
-def append_rows(path: Path, rows: list[dict]) -> None:
+def append_rows(path: Path, rows: list[dict], columns: tuple[str, ...] = CSV_COLUMNS) -> None:
     """Append ``rows`` to ``path`` (header first if the file is new), in one write."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    check_header(path)
+    check_header(path, columns)
     new = not path.exists() or path.stat().st_size == 0
     with path.open("a", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=CSV_COLUMNS)
+        writer = csv.DictWriter(file, fieldnames=columns)
         if new:
             writer.writeheader()
         writer.writerows(rows)
@@ -226,13 +245,16 @@ def run_sweep(sweep: Sweep, seeds: list[int], arms: list[str] | None = None, pro
                 print(f"[{sweep.name}] {arm} seed {seed}: in {path.name} already, skipped", flush=True)
                 continue
             print(f"[{sweep.name}] {arm} seed {seed} ...", flush=True)
-            started = time.time()
-            rows = run_rows(sweep, arm, seed, profile, device)
+            started, samples = time.time(), []
+            rows = run_rows(sweep, arm, seed, profile, device, samples=samples)
             seconds = round(time.time() - started, 1)
             rows.append({"step": rows[-1]["step"], "metric": DONE_METRIC, "value": seconds})
             common = {"sweep": sweep.name, "arm": arm, "seed": seed, "seconds": seconds, "machine": machine(),
                       "commit": git_commit(), "profile": profile}
             append_rows(path, [{**common, **row} for row in rows])
+            if samples:  # after the run's rows: a run counts as finished only once they are written
+                run = {key: common[key] for key in ("sweep", "arm", "seed", "profile")}
+                append_rows(samples_path(path), [{**run, **sample} for sample in samples], SAMPLE_COLUMNS)
             print(f"[{sweep.name}] {arm} seed {seed}: {seconds:.0f} s, {len(rows)} rows -> {path}", flush=True)
 
 
@@ -248,6 +270,21 @@ def load_sweep(name_or_path: str | Path):
         raise FileNotFoundError(f"{path} does not exist: run `python -m rlhf_course.experiments "
                                 f"{name_or_path if name_or_path in SWEEPS else 'SWEEP'}` to make it")
     return pd.read_csv(path)
+
+
+def load_samples(name_or_path: str | Path):
+    """The held-out responses a sweep logged (``Sweep.samples_path``) as a DataFrame: one row per response,
+    with its run (arm, seed), step, proxy and gold scores, KL and length in tokens."""
+    import pandas as pd
+
+    path = SWEEPS[name_or_path].samples_path if name_or_path in SWEEPS else samples_path(Path(name_or_path))
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: the sweep's runs logged no samples yet (runs made before "
+                                "samples were logged have none); run the sweep to add some")
+    check_header(path, SAMPLE_COLUMNS)
+    # Texts stay texts (an empty response, or one that reads "NA", must not become NaN); scores may be NaN.
+    numbers = {column: ["nan", ""] for column in ("proxy", "gold", "kl", "length")}
+    return pd.read_csv(path, keep_default_na=False, na_values=numbers, dtype={"query": str, "response": str})
 
 
 def arm_summary(frame, metric: str, step: int | None = None, baseline: str | None = None):

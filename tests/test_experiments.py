@@ -19,7 +19,10 @@ def tiny_llama():
                                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=2)).eval()
 
 
-def fake_rows(sweep, arm, seed, profile, device):
+def fake_rows(sweep, arm, seed, profile, device, samples=None):
+    if samples is not None:
+        samples.extend({"step": step, "query": "What a", "response": response, "proxy": 0.5, "gold": 0.1, "kl": kl,
+                        "length": 2} for step, response, kl in [(0, "NA", float("nan")), (5, "", 1.5)])
     return [{"step": 0, "metric": "proxy_reward", "value": 0.1},
             {"step": 5, "metric": "proxy_reward", "value": 1.0 + seed + (arm == "b")}]
 
@@ -45,13 +48,32 @@ def test_a_sweep_resumes_skipping_finished_runs_and_extends_to_new_seeds(sweep, 
 def test_an_interrupted_run_leaves_no_rows_and_runs_again(sweep, tmp_path, monkeypatch):
     path = tmp_path / "toy.csv"
 
-    def interrupted(*args):
+    def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(experiments, "run_rows", interrupted)
     with pytest.raises(KeyboardInterrupt):
         experiments.run_sweep(sweep, [0], path=path)
     assert experiments.finished_runs(path) == set()
+
+
+def test_held_out_samples_go_beside_the_csv_once_a_run_has_finished(sweep, tmp_path):
+    path = tmp_path / "toy.csv"
+    experiments.run_sweep(sweep, [0], path=path)
+    samples = experiments.load_samples(path)
+    assert experiments.samples_path(path) == tmp_path / "toy_samples.csv"
+    assert list(samples.columns) == list(experiments.SAMPLE_COLUMNS)
+    assert len(samples) == 4 and set(samples["arm"]) == {"a", "b"}
+    # texts stay texts (an empty response, one that reads "NA"); a missing KL is NaN, not the string "nan"
+    assert samples["response"].tolist()[:2] == ["NA", ""] and samples["kl"].isna().tolist()[:2] == [True, False]
+    assert samples["kl"].dtype == float
+    with pytest.raises(FileNotFoundError, match="logged no samples"):
+        experiments.load_samples(tmp_path / "other.csv")
+
+
+def test_a_sweep_logs_samples_at_its_first_and_last_evaluation_or_at_every_one():
+    assert not experiments.SWEEPS["tricks"].samples_every_eval and experiments.SWEEPS["overoptimisation"].samples_every_eval
+    assert experiments.SWEEPS["tricks"].samples_path.name == "08_ppo_tricks_sweep_samples.csv"
 
 
 def test_a_file_that_is_not_a_sweep_csv_is_never_appended_to(sweep, tmp_path):
