@@ -41,7 +41,8 @@ HELDOUT_METRICS = {"proxy_reward": "proxy", "proxy_reward_se": "proxy_se", "gold
 
 @dataclass
 class Sweep:
-    """Arms (name -> changes to the PPO recipe; the key "critic" picks the critic layout) run for
+    """Arms (name -> changes to the PPO recipe; the key "critic" picks the critic layout, "reward_scale" multiplies
+    the reward PPO trains on, not the held-out proxy) run for
     ``steps`` PPO steps (None: the recipe's), held-out evaluation every ``eval_every`` steps.  The held-out
     responses, with their proxy and gold scores, go to ``samples_path``: at the first and last evaluation,
     or at every one with ``samples_every_eval`` (to read what the policy writes as the scores part ways)."""
@@ -89,6 +90,14 @@ SWEEPS = {
             "beta_0": {"init_kl_coef": 0.0},
         },
         about="the PPO tricks of notebook 08, one change each to the recipe of notebook 07 (issue 15)"),
+    "critic_growth": Sweep(
+        "critic_growth", "08_critic_growth.csv", {
+            "scaled_rm": {"reward_scale": 5.0},
+            "scaled_rm+reward_scaling": {"reward_scale": 5.0, "scale_rewards": True},
+            "scaled_rm+gamma_0.9": {"reward_scale": 5.0, "gamma": 0.9},
+        }, steps=40,
+        about="DeepSpeed-Chat's growing critic loss: the classifier's logits x5 (the same preferences on a larger "
+              "scale) over a longer run, and its two fixes, reward scaling and gamma < 1 (issue 15)"),
     "overoptimisation": Sweep(
         "overoptimisation", "08_overoptimisation.csv",
         {f"beta_{beta:g}": {"init_kl_coef": beta} for beta in (0.0, 0.02, 0.05, 0.1)}, steps=60,
@@ -113,10 +122,11 @@ def run_rows(sweep: Sweep, arm: str, seed: int, profile: str = "laptop", device:
 
     from rlhf_course.policy import sentiment
     from rlhf_course.policy.judge import GoldJudge, paired_gain
-    from rlhf_course.rl import lora_policy, ppo, sampling
+    from rlhf_course.rl import lora_policy, ppo, sampling, tricks
 
     changes = dict(sweep.arms[arm])
     critic = changes.pop("critic", "shared")
+    reward_scale = changes.pop("reward_scale", 1.0)
     if profile == "laptop":
         policy, reference, tokenizer = lora_policy.load_smollm2_policy_and_reference(device, critic=critic)
     elif critic == "shared":
@@ -146,7 +156,8 @@ def run_rows(sweep: Sweep, arm: str, seed: int, profile: str = "laptop", device:
                          {"step": step, "metric": f"{score}_gain_se", "value": float(gain["gain_se"])}])
 
     def callback(step: int, metrics: dict, history: list) -> None:
-        rows.extend({"step": step + 1, "metric": f"train_{name}", "value": float(metrics[name])}
+        on_classifier_scale = {"reward_mean": reward_scale}  # comparable across arms; returns and values stay scaled
+        rows.extend({"step": step + 1, "metric": f"train_{name}", "value": float(metrics[name]) / on_classifier_scale.get(name, 1.0)}
                     for name in HISTORY_METRICS if name in metrics)
         if heldout and ((step + 1) % sweep.eval_every == 0 or step + 1 == steps):
             evaluate(step + 1)
@@ -154,7 +165,8 @@ def run_rows(sweep: Sweep, arm: str, seed: int, profile: str = "laptop", device:
     torch.manual_seed(seed)
     if heldout:
         evaluate(0)
-    ppo.train_ppo(config, policy, reference, tokenizer, reward_fn, train_queries, callback=callback,
+    train_reward = tricks.ScaledReward(reward_fn, reward_scale) if reward_scale != 1.0 else reward_fn
+    ppo.train_ppo(config, policy, reference, tokenizer, train_reward, train_queries, callback=callback,
                   progress=progress, device=device)
     return rows
 

@@ -137,6 +137,27 @@ def test_every_sweep_logs_to_its_own_csv_that_no_notebook_overwrites():
     assert len(set(csvs)) == len(csvs) and not set(csvs) & written
 
 
+def test_a_reward_scale_arm_trains_on_the_scaled_reward_and_logs_it_on_the_classifier_scale(monkeypatch):
+    from rlhf_course.policy import judge, sentiment
+    from rlhf_course.rl import sampling
+
+    seen = {}
+
+    def fake_train_ppo(config, policy, reference, tokenizer, reward_fn, queries, callback=None, **kwargs):
+        seen["rewards"] = reward_fn(["a", "b"]).tolist()
+        callback(0, {"reward_mean": 5.0, "return_mean": 5.0}, [])
+
+    monkeypatch.setattr(lora_policy, "load_smollm2_policy_and_reference", lambda device, critic: (None, None, None))
+    monkeypatch.setattr(sentiment, "sentiment_reward", lambda device: (lambda texts: torch.ones(len(texts))))
+    monkeypatch.setattr(judge, "GoldJudge", lambda: None)
+    monkeypatch.setattr(sampling, "train_and_eval_queries", lambda tokenizer, config, n_eval: ([[1]], [[1]]))
+    monkeypatch.setattr(ppo, "train_ppo", fake_train_ppo)
+    rows = experiments.run_rows(experiments.SWEEPS["critic_growth"], "scaled_rm", 0, heldout=False, steps=1)
+    assert seen["rewards"] == [5.0, 5.0]  # PPO sees the classifier's logits x5
+    logged = {row["metric"]: row["value"] for row in rows}
+    assert logged == {"train_reward_mean": 1.0, "train_return_mean": 5.0}  # reward back on the classifier's scale
+
+
 def test_a_separate_critic_keeps_value_gradients_out_of_the_actor():
     lm = tiny_llama()
     critic_lm = copy.deepcopy(lm)
