@@ -36,6 +36,7 @@ rl/        stage 3, reinforcement learning (notebooks 07-09); imports policy and
     rl.lora_policy      PPO on SmolLM2 with LoRA: adapter-off reference view, held-out evaluation
     rl.tricks           PPO tricks and failure modes as experiments (notebook 08)
     rl.beyond_ppo       DPO, RLOO and GRPO through TRL, against PPO (notebook 09)
+    rl.compare_methods  notebook 09's sweep: DPO, RLOO, GRPO and PPO on one budget, on the real policy
 course/    on top: runs the course; may import anything
     course.notebook     what each notebook's first cell calls (start), environment check, REPO
     course.runner       executes every notebook and records its wall time

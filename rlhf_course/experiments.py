@@ -1,6 +1,7 @@
 """Named, resumable multi-seed sweeps of the course's PPO, logged to a long CSV the notebooks load.
 
     python -m rlhf_course.experiments critic --seeds 1            # notebook 07: shared vs separate critic
+    python -m rlhf_course.experiments methods                     # notebook 09: DPO, RLOO, GRPO and PPO
     python -m rlhf_course.experiments --list                      # every sweep, its arms and CSV
 
 A *sweep* is a set of *arms* (named changes to the profile's PPO recipe, ``lora_policy.ppo_start_config``);
@@ -14,6 +15,10 @@ notebooks; the notebooks plot the CSV and re-run one arm and seed live to show t
 Seeds change PPO's sampling and the order of the prompts (every run's actor starts at the SFT policy,
 LoRA's B being zero); the held-out openings and their sampling seed stay fixed, so arms and seeds are
 compared on the same prompts.
+
+Sweep ``methods`` (notebook 09) compares training methods instead of PPO changes: DPO, RLOO and GRPO
+through TRL (``rl.compare_methods``) and the course's PPO, on PPO's budget; its CSV names the arm column
+``method`` (``Sweep.arm_column``), and ``load_sweep`` hands it back as ``arm``.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlhf_course.rl.compare_methods import HELDOUT_METRICS, METHODS  # noqa: F401 (the held-out metrics a run logs)
+
 RESULTS = Path(__file__).resolve().parent.parent / "notebooks" / "results"
 CSV_COLUMNS = ("sweep", "arm", "seed", "step", "metric", "value", "seconds", "machine", "commit", "profile")
 DONE_METRIC = "run_seconds"  # the last row a run writes: its presence marks the run finished
@@ -34,9 +41,11 @@ HISTORY_METRICS = ("reward_mean", "kl", "value_loss", "return_mean", "return_var
                    "clip_fraction", "approx_kl", "entropy", "grad_norm", "response_length", "eos_fraction",
                    "step_seconds")
 SAMPLE_COLUMNS = ("sweep", "arm", "seed", "step", "query", "response", "proxy", "gold", "kl", "length", "profile")
-HELDOUT_METRICS = {"proxy_reward": "proxy", "proxy_reward_se": "proxy_se", "gold_reward": "gold", "gold_reward_se": "gold_se",
-                   "kl": "kl", "kl_se": "kl_se", "distinct_2": "distinct_2", "response_length": "length",
-                   "eos_fraction": "eos_fraction"}
+
+
+def columns_for(arm_column: str, columns: tuple[str, ...] = CSV_COLUMNS) -> tuple[str, ...]:
+    """``columns`` with the arm's column named ``arm_column`` (sweep "methods" writes ``method``)."""
+    return tuple(arm_column if column == "arm" else column for column in columns)
 
 
 @dataclass
@@ -45,7 +54,9 @@ class Sweep:
     the reward PPO trains on, not the held-out proxy) run for
     ``steps`` PPO steps (None: the recipe's), held-out evaluation every ``eval_every`` steps.  The held-out
     responses, with their proxy and gold scores, go to ``samples_path``: at the first and last evaluation,
-    or at every one with ``samples_every_eval`` (to read what the policy writes as the scores part ways)."""
+    or at every one with ``samples_every_eval`` (to read what the policy writes as the scores part ways).
+    An arm ``{"method": name}`` trains another way than PPO (``method_rows``); ``arm_column`` names the CSV's
+    arm column."""
 
     name: str
     csv: str
@@ -56,10 +67,15 @@ class Sweep:
     about: str = ""
     notebook_runs: dict = field(default_factory=dict)
     samples_every_eval: bool = False
+    arm_column: str = "arm"
 
     @property
     def path(self) -> Path:
         return RESULTS / self.csv
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return columns_for(self.arm_column)
 
     @property
     def samples_path(self) -> Path:
@@ -103,6 +119,10 @@ SWEEPS = {
         {f"beta_{beta:g}": {"init_kl_coef": beta} for beta in (0.0, 0.02, 0.05, 0.1)}, steps=60,
         about="proxy and gold reward against sqrt(KL) over long runs at several beta (Gao et al. 2023; issue 15)",
         samples_every_eval=True),
+    "methods": Sweep(
+        "methods", "09_beyond_ppo.csv", {method: {"method": method} for method in METHODS}, arm_column="method",
+        about="DPO (on-policy pairs), RLOO and GRPO through TRL against the course's PPO (the tricks sweep's base arm) "
+              "on PPO's budget: prompts, sampled completions, learning rate, beta, LoRA adapter (issue 15)"),
 }
 
 
@@ -117,14 +137,17 @@ def run_rows(sweep: Sweep, arm: str, seed: int, profile: str = "laptop", device:
     ``steps`` cuts the run short and ``heldout=False`` skips the held-out evaluations (``replay`` uses both):
     PPO seeds itself when it starts, so the training rows of the first steps do not depend on either.
     Given a list, ``samples`` receives one dict per held-out response at the evaluations ``Sweep`` says.
+    An arm that names a ``method`` runs through ``method_rows``.
     """
-    import torch
-
     from rlhf_course.policy import sentiment
-    from rlhf_course.policy.judge import GoldJudge, paired_gain
-    from rlhf_course.rl import lora_policy, ppo, sampling, tricks
+    from rlhf_course.policy.judge import GoldJudge
+    from rlhf_course.rl import lora_policy, ppo
 
     changes = dict(sweep.arms[arm])
+    if "method" in changes:
+        if steps is not None or not heldout:
+            raise ValueError(f"arm {arm!r} of sweep {sweep.name!r} names a method: it runs whole, with its evaluations")
+        return method_rows(sweep, arm, seed, profile, device, progress, samples)
     critic = changes.pop("critic", "shared")
     reward_scale = changes.pop("reward_scale", 1.0)
     if profile == "laptop":
@@ -138,37 +161,69 @@ def run_rows(sweep: Sweep, arm: str, seed: int, profile: str = "laptop", device:
     config = dataclasses.replace(config, **changes, steps=steps, seed=seed)
     config.validate()
     reward_fn, judge = sentiment.sentiment_reward(device), GoldJudge()
+    return ppo_rows(sweep, config, policy, reference, tokenizer, reward_fn, judge, reward_scale, progress, heldout,
+                    samples, device)
+
+
+def ppo_rows(sweep: Sweep, config, policy, reference, tokenizer, reward_fn, judge, reward_scale: float = 1.0,
+             progress: bool = True, heldout: bool = True, samples: list[dict] | None = None, device: str = "cpu",
+             measure: bool = False) -> list[dict]:
+    """``run_rows`` once the policy, its reference and the reward are loaded: PPO with ``config``, training rows
+    every step, held-out evaluations (``compare_methods.RunLog``) at step 0 and every ``sweep.eval_every`` steps;
+    with ``measure``, the cost of the training (``RunLog.measure``) at the end."""
+    import torch
+
+    from rlhf_course.rl import ppo, sampling, tricks
+    from rlhf_course.rl.compare_methods import RunLog
+
+    steps = config.steps
     train_queries, eval_queries = sampling.train_and_eval_queries(
         tokenizer, dataclasses.replace(config, seed=0), n_eval=sweep.n_eval)  # the same prompts for every seed
-    rows, start = [], {}
-
-    def evaluate(step: int) -> None:
-        result = lora_policy.heldout_evaluation(policy.lm, tokenizer, reward_fn, judge, eval_queries, config,
-                                                reference, seed=1, device=device)
-        rows.extend({"step": step, "metric": name, "value": float(result[key])} for name, key in HELDOUT_METRICS.items())
-        start.setdefault("frame", result["frame"])
-        if samples is not None and (sweep.samples_every_eval or step in (0, steps)):
-            columns = ["query", "response", "proxy", "gold", "kl", "length"]
-            samples.extend({"step": step, **row} for row in result["frame"][columns].to_dict("records"))
-        for score in ("proxy", "gold"):  # gains over the same openings at step 0, with paired standard errors
-            gain = paired_gain(start["frame"][score], result["frame"][score])
-            rows.extend([{"step": step, "metric": f"{score}_gain", "value": float(gain["gain"])},
-                         {"step": step, "metric": f"{score}_gain_se", "value": float(gain["gain_se"])}])
+    log = RunLog(tokenizer, reward_fn, judge, eval_queries, config, device, samples,
+                 samples_at=lambda step: sweep.samples_every_eval or step in (0, steps))
 
     def callback(step: int, metrics: dict, history: list) -> None:
         on_classifier_scale = {"reward_mean": reward_scale}  # comparable across arms; returns and values stay scaled
-        rows.extend({"step": step + 1, "metric": f"train_{name}", "value": float(metrics[name]) / on_classifier_scale.get(name, 1.0)}
-                    for name in HISTORY_METRICS if name in metrics)
+        for name in HISTORY_METRICS:
+            if name in metrics:
+                log.add(step + 1, f"train_{name}", float(metrics[name]) / on_classifier_scale.get(name, 1.0))
         if heldout and ((step + 1) % sweep.eval_every == 0 or step + 1 == steps):
-            evaluate(step + 1)
+            log.evaluate(step + 1, policy.lm, reference)
 
-    torch.manual_seed(seed)
+    torch.manual_seed(config.seed)
     if heldout:
-        evaluate(0)
+        log.evaluate(0, policy.lm, reference)
     train_reward = tricks.ScaledReward(reward_fn, reward_scale) if reward_scale != 1.0 else reward_fn
-    ppo.train_ppo(config, policy, reference, tokenizer, train_reward, train_queries, callback=callback,
-                  progress=progress, device=device)
-    return rows
+
+    def train():
+        return ppo.train_ppo(config, policy, reference, tokenizer, train_reward, train_queries, callback=callback,
+                             progress=progress, device=device)
+
+    if measure:
+        log.measure(train)
+    else:
+        train()
+    return log.rows
+
+
+def method_rows(sweep: Sweep, arm: str, seed: int, profile: str = "laptop", device: str = "cpu",
+                progress: bool = True, samples: list[dict] | None = None) -> list[dict]:
+    """One run of an arm that names a method (sweep "methods", notebook 09), from ``compare_methods.load_start``
+    and the PPO recipe with ``seed``: DPO, RLOO or GRPO through TRL (``compare_methods.trl_method_rows``), or
+    PPO by ``ppo_rows`` exactly as the tricks sweep's ``base`` arm runs; each with its cost at the end."""
+    from rlhf_course.rl import compare_methods, lora_policy
+
+    method = sweep.arms[arm]["method"]
+    config = lora_policy.ppo_start_config(profile)
+    config = dataclasses.replace(config, steps=sweep.steps or config.steps, seed=seed)
+    config.validate()
+    start = compare_methods.load_start(profile, device)
+    if method != "ppo":
+        return compare_methods.trl_method_rows(method, start, config, sweep.n_eval, sweep.eval_every, samples,
+                                               progress, device)
+    policy, reference = lora_policy.lora_policy_and_reference(start.lm)  # as load_smollm2_policy_and_reference
+    return ppo_rows(sweep, config, policy, reference, start.tokenizer, start.reward_fn, start.judge,
+                    progress=progress, samples=samples, device=device, measure=True)
 
 
 def replay(sweep: Sweep, frame, arm: str, seed: int, steps: int = 2, profile: str = "laptop", device: str = "cpu",
@@ -202,7 +257,8 @@ def replay(sweep: Sweep, frame, arm: str, seed: int, steps: int = 2, profile: st
 
 
 def check_header(path: Path, columns: tuple[str, ...] = CSV_COLUMNS) -> None:
-    """Refuse to read or extend a file that is not a sweep CSV (another table written at the same path)."""
+    """Refuse to read or extend a file that is not a sweep CSV with ``columns`` (another table written at the same
+    path, or a sweep that names its arm column otherwise)."""
     if not path.exists() or path.stat().st_size == 0:
         return
     with path.open(newline="") as file:
@@ -212,13 +268,13 @@ def check_header(path: Path, columns: tuple[str, ...] = CSV_COLUMNS) -> None:
                          f"{', '.join(columns)}); move it aside or pass --csv with another path")
 
 
-def finished_runs(path: Path) -> set[tuple[str, str, int]]:
-    """(sweep, arm, seed) of every run that wrote its last row to ``path``."""
-    check_header(path)
+def finished_runs(path: Path, arm_column: str = "arm") -> set[tuple[str, str, int]]:
+    """(sweep, arm, seed) of every run that wrote its last row to ``path`` (arms in column ``arm_column``)."""
+    check_header(path, columns_for(arm_column))
     if not path.exists() or path.stat().st_size == 0:
         return set()
     with path.open(newline="") as file:
-        return {(r["sweep"], r["arm"], int(r["seed"])) for r in csv.DictReader(file) if r["metric"] == DONE_METRIC}
+        return {(r["sweep"], r[arm_column], int(r["seed"])) for r in csv.DictReader(file) if r["metric"] == DONE_METRIC}
 
 
 def append_rows(path: Path, rows: list[dict], columns: tuple[str, ...] = CSV_COLUMNS) -> None:
@@ -250,7 +306,7 @@ def run_sweep(sweep: Sweep, seeds: list[int], arms: list[str] | None = None, pro
     unknown = sorted(set(arms or []) - set(sweep.arms))
     if unknown:
         raise SystemExit(f"sweep {sweep.name!r} has no arm {unknown}; its arms: {', '.join(sweep.arms)}")
-    done = finished_runs(path)
+    done = finished_runs(path, sweep.arm_column)
     for arm in arms or list(sweep.arms):
         for seed in seeds:
             if (sweep.name, arm, seed) in done:
@@ -261,12 +317,13 @@ def run_sweep(sweep: Sweep, seeds: list[int], arms: list[str] | None = None, pro
             rows = run_rows(sweep, arm, seed, profile, device, samples=samples)
             seconds = round(time.time() - started, 1)
             rows.append({"step": rows[-1]["step"], "metric": DONE_METRIC, "value": seconds})
-            common = {"sweep": sweep.name, "arm": arm, "seed": seed, "seconds": seconds, "machine": machine(),
+            common = {"sweep": sweep.name, sweep.arm_column: arm, "seed": seed, "seconds": seconds, "machine": machine(),
                       "commit": git_commit(), "profile": profile}
-            append_rows(path, [{**common, **row} for row in rows])
+            append_rows(path, [{**common, **row} for row in rows], sweep.columns)
             if samples:  # after the run's rows: a run counts as finished only once they are written
-                run = {key: common[key] for key in ("sweep", "arm", "seed", "profile")}
-                append_rows(samples_path(path), [{**run, **sample} for sample in samples], SAMPLE_COLUMNS)
+                run = {key: common[key] for key in ("sweep", sweep.arm_column, "seed", "profile")}
+                append_rows(samples_path(path), [{**run, **sample} for sample in samples],
+                            columns_for(sweep.arm_column, SAMPLE_COLUMNS))
             print(f"[{sweep.name}] {arm} seed {seed}: {seconds:.0f} s, {len(rows)} rows -> {path}", flush=True)
 
 
@@ -274,29 +331,35 @@ def run_sweep(sweep: Sweep, seeds: list[int], arms: list[str] | None = None, pro
 
 
 def load_sweep(name_or_path: str | Path):
-    """The long CSV of a sweep (a name of ``SWEEPS`` or a path) as a pandas DataFrame."""
+    """The long CSV of a sweep (a name of ``SWEEPS`` or a path) as a pandas DataFrame.
+
+    A CSV whose arm column is named ``method`` (sweep "methods", notebook 09) comes back with that column
+    renamed ``arm``, so ``arm_summary``, ``arm_table``, ``plot_arms`` and ``replay`` read every sweep alike."""
     import pandas as pd
 
     path = SWEEPS[name_or_path].path if name_or_path in SWEEPS else Path(name_or_path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run `python -m rlhf_course.experiments "
                                 f"{name_or_path if name_or_path in SWEEPS else 'SWEEP'}` to make it")
-    return pd.read_csv(path)
+    return pd.read_csv(path).rename(columns={"method": "arm"})
 
 
 def load_samples(name_or_path: str | Path):
     """The held-out responses a sweep logged (``Sweep.samples_path``) as a DataFrame: one row per response,
-    with its run (arm, seed), step, proxy and gold scores, KL and length in tokens."""
+    with its run (arm, seed), step, proxy and gold scores, KL and length in tokens (``method`` read as ``arm``)."""
     import pandas as pd
 
     path = SWEEPS[name_or_path].samples_path if name_or_path in SWEEPS else samples_path(Path(name_or_path))
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: the sweep's runs logged no samples yet (runs made before "
                                 "samples were logged have none); run the sweep to add some")
-    check_header(path, SAMPLE_COLUMNS)
+    with path.open(newline="") as file:
+        arm_column = "method" if "method" in next(csv.reader(file), []) else "arm"
+    check_header(path, columns_for(arm_column, SAMPLE_COLUMNS))
     # Texts stay texts (an empty response, or one that reads "NA", must not become NaN); scores may be NaN.
     numbers = {column: ["nan", ""] for column in ("proxy", "gold", "kl", "length")}
-    return pd.read_csv(path, keep_default_na=False, na_values=numbers, dtype={"query": str, "response": str})
+    frame = pd.read_csv(path, keep_default_na=False, na_values=numbers, dtype={"query": str, "response": str})
+    return frame.rename(columns={"method": "arm"})
 
 
 def arm_summary(frame, metric: str, step: int | None = None, baseline: str | None = None):
