@@ -406,11 +406,16 @@ def arm_table(frame, metrics: dict[str, str], step: int | None = None, baseline:
 
 
 def plot_arms(frame, metrics: dict[str, str], step: int | None = None, arms: list[str] | None = None):
-    """One panel per metric: each seed's value as a dot and the mean with its 95% interval as a bar, per arm."""
+    """One panel per metric (three to a row): each seed's value as a dot and the mean with its 95% interval as a
+    bar, per arm."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
-    for axis, (metric, label) in zip(axes[0], metrics.items()):
+    columns = min(3, len(metrics))
+    rows_of_panels = -(-len(metrics) // columns)
+    fig, axes = plt.subplots(rows_of_panels, columns, figsize=(4.6 * columns, 3.6 * rows_of_panels), squeeze=False)
+    for axis in axes.flat[len(metrics):]:
+        axis.set_visible(False)
+    for axis, (metric, label) in zip(axes.flat, metrics.items()):
         summary = arm_summary(frame, metric, step)
         order = [arm for arm in (arms or summary.index) if arm in summary.index]
         rows = frame[frame["metric"] == metric]

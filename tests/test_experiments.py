@@ -218,3 +218,7 @@ def test_arm_table_and_plot_arms_show_every_arm_with_its_interval(sweep, tmp_pat
     assert [label.get_text() for label in axis.get_xticklabels()] == ["b", "a"]
     dots = [line for line in axis.lines if line.get_marker() == "o"]
     assert sorted(dots[1].get_ydata()) == [1.0, 2.0, 3.0]  # arm a's three seeds at its last step, not step 0
+    metrics = {name: name for name in ("m1", "m2", "m3", "m4")}
+    many = pd.concat([frame.assign(metric=name) for name in metrics])
+    grid = experiments.plot_arms(many, metrics)  # three panels to a row: 2 rows, the sixth place hidden
+    assert len(grid.axes) == 6 and [axis.get_title() for axis in grid.axes if axis.get_visible()] == list(metrics)
