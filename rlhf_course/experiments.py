@@ -145,9 +145,7 @@ def run_rows(sweep: Sweep, arm: str, seed: int, profile: str = "laptop", device:
 
     changes = dict(sweep.arms[arm])
     if "method" in changes:
-        if steps is not None or not heldout:
-            raise ValueError(f"arm {arm!r} of sweep {sweep.name!r} names a method: it runs whole, with its evaluations")
-        return method_rows(sweep, arm, seed, profile, device, progress, samples)
+        return method_rows(sweep, arm, seed, profile, device, progress, samples, steps, heldout)
     critic = changes.pop("critic", "shared")
     reward_scale = changes.pop("reward_scale", 1.0)
     if profile == "laptop":
@@ -207,23 +205,28 @@ def ppo_rows(sweep: Sweep, config, policy, reference, tokenizer, reward_fn, judg
 
 
 def method_rows(sweep: Sweep, arm: str, seed: int, profile: str = "laptop", device: str = "cpu",
-                progress: bool = True, samples: list[dict] | None = None) -> list[dict]:
+                progress: bool = True, samples: list[dict] | None = None, steps: int | None = None,
+                heldout: bool = True) -> list[dict]:
     """One run of an arm that names a method (sweep "methods", notebook 09), from ``compare_methods.load_start``
     and the PPO recipe with ``seed``: DPO, RLOO or GRPO through TRL (``compare_methods.trl_method_rows``), or
-    PPO by ``ppo_rows`` exactly as the tricks sweep's ``base`` arm runs; each with its cost at the end."""
+    PPO by ``ppo_rows`` exactly as the tricks sweep's ``base`` arm runs; each with its cost at the end.
+    ``steps`` and ``heldout`` as in ``run_rows`` (a replay's short run), except for DPO."""
     from rlhf_course.rl import compare_methods, lora_policy
 
     method = sweep.arms[arm]["method"]
+    if method == "dpo" and (steps is not None or not heldout):
+        raise ValueError("DPO samples all its pairs before it trains: a shorter run trains on other pairs, so its "
+                         "first steps cannot replay a logged run's; replay rloo, grpo or ppo")
     config = lora_policy.ppo_start_config(profile)
-    config = dataclasses.replace(config, steps=sweep.steps or config.steps, seed=seed)
+    config = dataclasses.replace(config, steps=steps or sweep.steps or config.steps, seed=seed)
     config.validate()
     start = compare_methods.load_start(profile, device)
     if method != "ppo":
         return compare_methods.trl_method_rows(method, start, config, sweep.n_eval, sweep.eval_every, samples,
-                                               progress, device)
+                                               progress, device, heldout=heldout)
     policy, reference = lora_policy.lora_policy_and_reference(start.lm)  # as load_smollm2_policy_and_reference
     return ppo_rows(sweep, config, policy, reference, start.tokenizer, start.reward_fn, start.judge,
-                    progress=progress, samples=samples, device=device, measure=True)
+                    progress=progress, heldout=heldout, samples=samples, device=device, measure=heldout)
 
 
 def replay(sweep: Sweep, frame, arm: str, seed: int, steps: int = 2, profile: str = "laptop", device: str = "cpu",

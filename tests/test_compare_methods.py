@@ -2,6 +2,7 @@
 on-policy DPO pairs, PPO's adapter with the adapter switched off as every reference, and the sweep's CSV.
 Tiny random Llama models and a byte-level tokenizer with SmolLM2's conventions stand in for SmolLM2."""
 
+import dataclasses
 import math
 
 import pandas as pd
@@ -182,6 +183,16 @@ def test_the_methods_sweep_runs_each_method_on_one_budget_into_a_resumable_csv(t
     assert at_start.groupby("metric")["value"].nunique().eq(1).all()  # one start, one evaluation, for every method
     samples = experiments.load_samples(path)
     assert set(samples["arm"]) == set(sweep.arms) and set(samples["step"]) == {0, 2}
+    trained = {"dpo": "train_dpo_accuracy", "rloo": "train_reward_mean", "grpo": "train_reward_mean",
+               "ppo": "train_reward_mean"}  # TRL's own log, once per round, as PPO's
+    for method, metric in trained.items():
+        assert frame[(frame["arm"] == method) & (frame["metric"] == metric)]["step"].tolist() == [1, 2], method
+
+    replayable = dataclasses.replace(sweep, eval_every=2)  # replay stops before the first evaluation after step 0
+    table = experiments.replay(replayable, frame, "grpo", 0, steps=1, metrics=("train_reward_mean", "train_loss"))
+    assert len(table) == 2 and (table["difference"].abs() < 1e-6).all()  # TRL's first round, reproduced
+    with pytest.raises(ValueError, match="DPO samples all its pairs"):
+        experiments.replay(replayable, frame, "dpo", 0, steps=1, metrics=("train_dpo_accuracy",))
 
     monkeypatch.setattr(cm, "load_start", lambda profile, device: pytest.fail("a finished run ran again"))
     experiments.run_sweep(sweep, [0], path=path)

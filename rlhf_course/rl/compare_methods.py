@@ -313,12 +313,43 @@ def _evaluation_callback(log: RunLog, model, reference, every_rounds: int, steps
     return HeldOutEvaluation()
 
 
+# TRL's logged training metrics -> the sweep's names (means over the round's gradient steps).  TRL's KL is nats
+# per token (PPO's ``train_kl`` is per response), hence its own name.
+TRL_TRAIN_METRICS = {"reward": "train_reward_mean", "kl": "train_kl_per_token", "entropy": "train_entropy",
+                     "completions/mean_length": "train_response_length", "loss": "train_loss",
+                     "rewards/accuracies": "train_dpo_accuracy", "rewards/margins": "train_dpo_margin"}
+
+
+def _training_log_callback(log: RunLog, steps_per_round: int):
+    """Adds ``TRL_TRAIN_METRICS`` to ``log`` once per round (step = round), the mean of what TRL logged in it
+    (``logging_steps=1``; RLOO and GRPO log the reward once, on the gradient step that sampled the round)."""
+    from transformers import TrainerCallback
+
+    class TrainingLog(TrainerCallback):
+        def __init__(self):
+            self.logged: dict[str, list[float]] = {}
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            for key, name in TRL_TRAIN_METRICS.items():
+                if logs and key in logs:
+                    self.logged.setdefault(name, []).append(float(logs[key]))
+            if state.global_step % steps_per_round == 0 or state.global_step == state.max_steps:
+                round_ = -(-state.global_step // steps_per_round)
+                for name, values in self.logged.items():
+                    log.add(round_, name, sum(values) / len(values))
+                self.logged = {}
+
+    return TrainingLog()
+
+
 def trl_method_rows(method: str, start: MethodStart, config: PPOConfig, n_eval: int = 64, eval_every: int = 5,
-                    samples: list | None = None, progress: bool = True, device="cpu") -> list[dict]:
+                    samples: list | None = None, progress: bool = True, device="cpu", heldout: bool = True) -> list[dict]:
     """One run of DPO, RLOO or GRPO on the budget of the PPO recipe ``config`` (its steps and seed included): the
-    rows of its held-out evaluations at step 0, every ``eval_every`` rounds and at the end (the step is the
-    round: ``completions_per_round`` sampled completions, or for DPO consumed), then its cost.  Samples at the
-    first and last evaluation.  The cost counts DPO's sampling and TRL building its trainer."""
+    training metrics TRL logs, once per round (``TRL_TRAIN_METRICS``), the rows of its held-out evaluations at
+    step 0, every ``eval_every`` rounds and at the end (the step is the round: ``completions_per_round`` sampled
+    completions, or for DPO consumed), then its cost.  Samples at the first and last evaluation.  The cost counts
+    DPO's sampling and TRL building its trainer.  ``heldout=False`` skips the evaluations (a replay's short run:
+    with a constant learning rate its first rounds do not depend on ``config.steps``)."""
     import torch
 
     from rlhf_course.rl.lora_policy import AdapterDisabledReference
@@ -340,11 +371,14 @@ def trl_method_rows(method: str, start: MethodStart, config: PPOConfig, n_eval: 
             dataset = Dataset.from_dict({"prompt": start.tokenizer.batch_decode(train_queries, skip_special_tokens=True)})
         with tempfile.TemporaryDirectory() as output_dir:
             trainer = build_trainer(method, start, budget, dataset, output_dir, progress)
-            reference = AdapterDisabledReference(trainer.model)
-            with torch.random.fork_rng():
-                log.evaluate(0, trainer.model, reference)
-            trainer.add_callback(_evaluation_callback(log, trainer.model, reference, eval_every,
-                                                      budget.gradient_steps_per_round(method), budget.rounds))
+            steps_per_round = budget.gradient_steps_per_round(method)
+            trainer.add_callback(_training_log_callback(log, steps_per_round))
+            if heldout:
+                reference = AdapterDisabledReference(trainer.model)
+                with torch.random.fork_rng():
+                    log.evaluate(0, trainer.model, reference)
+                trainer.add_callback(_evaluation_callback(log, trainer.model, reference, eval_every, steps_per_round,
+                                                          budget.rounds))
             trainer.train()
 
     log.measure(train)
