@@ -440,6 +440,38 @@ def plot_arms(frame, metrics: dict[str, str], step: int | None = None, arms: lis
     return fig
 
 
+def plot_curves(frame, metrics: dict[str, str], arms: list[str] | None = None):
+    """One panel per metric (three to a row), the metric against the step for each arm: every seed as a thin
+    line, the mean over seeds as a thick one with its 95% t-interval shaded where an arm has several seeds."""
+    import matplotlib.pyplot as plt
+
+    from rlhf_course.core.stats import student_t_quantile
+
+    arms = [arm for arm in (arms or frame["arm"].unique()) if arm in set(frame["arm"])]
+    columns = min(3, len(metrics))
+    rows_of_panels = -(-len(metrics) // columns)
+    fig, axes = plt.subplots(rows_of_panels, columns, figsize=(4.6 * columns, 3.4 * rows_of_panels), squeeze=False)
+    for axis in axes.flat[len(metrics):]:
+        axis.set_visible(False)
+    for axis, (metric, label) in zip(axes.flat, metrics.items()):
+        for color, arm in enumerate(arms):
+            rows = frame[(frame["arm"] == arm) & (frame["metric"] == metric)]
+            if rows.empty:
+                continue
+            runs = rows.pivot_table(index="step", columns="seed", values="value")
+            axis.plot(runs.index, runs.to_numpy(), color=f"C{color}", alpha=0.25, lw=0.8)
+            mean, n = runs.mean(axis=1), runs.count(axis=1)
+            axis.plot(mean.index, mean, color=f"C{color}", lw=2, label=f"{arm} ({runs.shape[1]} seed"
+                      f"{'s' if runs.shape[1] > 1 else ''})")
+            half = runs.std(axis=1, ddof=1) / n ** 0.5 * n.map(lambda k: student_t_quantile(0.975, k - 1) if k > 1 else 0)
+            axis.fill_between(mean.index, mean - half, mean + half, color=f"C{color}", alpha=0.15)
+        axis.set(title=label, xlabel="step")
+        axis.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 # ============================================================================ command line
 
 

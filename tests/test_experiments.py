@@ -222,3 +222,21 @@ def test_arm_table_and_plot_arms_show_every_arm_with_its_interval(sweep, tmp_pat
     many = pd.concat([frame.assign(metric=name) for name in metrics])
     grid = experiments.plot_arms(many, metrics)  # three panels to a row: 2 rows, the sixth place hidden
     assert len(grid.axes) == 6 and [axis.get_title() for axis in grid.axes if axis.get_visible()] == list(metrics)
+
+
+def test_plot_curves_draws_each_seed_and_the_mean_with_its_interval(sweep, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    path = tmp_path / "toy.csv"
+    experiments.run_sweep(sweep, [0, 1, 2], path=path)
+    frame = experiments.load_sweep(path)
+    fig = experiments.plot_curves(frame, {"proxy_reward": "proxy"}, arms=["b", "missing"])
+    axis = fig.axes[0]
+    runs = frame[(frame["arm"] == "b") & (frame["metric"] == "proxy_reward")].pivot_table(
+        index="step", columns="seed", values="value")
+    assert len(axis.lines) == 3 + 1  # three seeds and their mean; no line for an arm with no rows
+    assert list(axis.lines[-1].get_ydata()) == pytest.approx(list(runs.mean(axis=1)))
+    assert [text.get_text() for text in axis.get_legend().get_texts()] == ["b (3 seeds)"]
+    band = axis.collections[0].get_paths()[0].vertices[:, 1]
+    assert band.max() > runs.mean(axis=1).max()  # a t-interval over three seeds that differ
