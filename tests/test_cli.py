@@ -74,8 +74,8 @@ def test_for_profile_validates_and_reads_the_environment(monkeypatch):
         PPOConfig.for_profile("laptop", batch_size=10, mini_batch_size=4)
     with pytest.raises(ValueError, match="trainer"):
         RewardTrainingConfig.for_profile("laptop", trainer="bogus")
-    with pytest.raises(ValueError, match="rl_minibatches"):
-        beyond_ppo.BeyondPPOConfig.for_profile(rl_minibatches=3)
+    with pytest.raises(ValueError, match="dpo_batch_size"):
+        beyond_ppo.BeyondPPOConfig.for_profile(dpo_batch_size=0)
     monkeypatch.setenv(ENV_VAR, "full")
     assert PPOConfig.for_profile() == PPOConfig()
     assert RewardTrainingConfig.for_profile().profile == "full"
@@ -97,8 +97,6 @@ def test_laptop_values_are_the_ones_the_notebooks_and_caches_were_built_with():
     ppo_laptop = PPOConfig.for_profile("laptop")
     assert (ppo_laptop.steps, ppo_laptop.batch_size, ppo_laptop.mini_batch_size, ppo_laptop.learning_rate,
             ppo_laptop.init_kl_coef) == (55, 64, 16, 5e-4, 0.05)
-    same_budget = beyond_ppo.ppo_config_same_budget(beyond_ppo.BeyondPPOConfig())
-    assert (same_budget.learning_rate, same_budget.init_kl_coef, same_budget.forward_batch_size) == (3e-4, 0.2, 32)
     long_run = tricks.long_run_without_kl("laptop")
     assert long_run.overrides == {"init_kl_coef": 0.0, "adaptive_kl": False, "ppo_epochs": 4, "learning_rate": 5e-4,
                                   "steps": 40, "batch_size": 32, "mini_batch_size": 8, "forward_batch_size": 32}

@@ -28,8 +28,7 @@ CONFIG_SIZES: dict[str, dict] = {
     "TricksConfig": dict(long_run_steps=2, long_run_batch_size=8, long_run_mini_batch_size=4,
                          long_run_forward_batch_size=8),
     # DPO / RLOO / GRPO (notebook 09)
-    "BeyondPPOConfig": dict(dpo_steps=2, dpo_batch_size=4, rl_rounds=1, rl_prompts_per_round=4,
-                            rl_num_generations=2, rl_max_completion_length=8),
+    "BeyondPPOConfig": dict(dpo_steps=2, dpo_batch_size=4),
 }
 
 

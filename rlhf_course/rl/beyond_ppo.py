@@ -12,16 +12,14 @@ Three methods that replaced PPO in most RLHF practice after 2023, each one remov
   within its group of completions, with PPO's clipped ratio kept.
 
 The trainers are TRL's (``trl.DPOTrainer``, ``trl.RLOOTrainer``, ``trl.GRPOTrainer``); this module
-holds what the course adds around them: CPU-safe configs, the reward-function wrapper that reads the
-POSITIVE logit of a 2-class classifier, a memory monitor, and one evaluation (reward, KL to the
-reference, implicit-reward accuracy) applied the same way to every method so the numbers compare.
+holds what the course adds around them in notebook 09's first sections: CPU-safe configs, TRL's view of a
+reward function, a memory monitor, and DPO on offline preference pairs with its implicit reward.  The
+four-method comparison on the SmolLM2 policy is ``compare_methods``.
 """
 
 from __future__ import annotations
 
-import ast
 import gc
-import inspect
 import os
 import threading
 import time
@@ -33,10 +31,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from rlhf_course.core.config import NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, ProfileConfig, integer
+from rlhf_course.core.config import POSITIVE, POSITIVE_INT, SEED, ProfileConfig, integer
 from rlhf_course.core.profiles import precision_flags
-from rlhf_course.core.text import padding_side
-from rlhf_course.policy.sentiment import SentimentReward
 
 # ----------------------------------------------------------------------------- TRL configs
 
@@ -48,25 +44,21 @@ LAPTOP_OVERRIDES: dict = {}
 
 @dataclass
 class BeyondPPOConfig(ProfileConfig):
-    """Hyper-parameters of the DPO, RLOO, GRPO and PPO runs of notebook 09 (one place to change them).
+    """Hyper-parameters of notebook 09's DPO on offline preference pairs (9.4), one place to change them.
 
-    Laptop values only: no reference values exist for these runs, so the defaults are the laptop
-    values, picked so each run takes about a minute on a 2-core CPU, and ``LAPTOP_OVERRIDES`` is
-    empty (``for_profile`` gives the same config in both profiles).  The paper values are noted where
-    a method has one.  The ``ppo_*`` fields set the PPO row in both profiles, so every method gets the
-    same budget (``ppo_config_same_budget``).
+    Laptop values only: no reference values exist for this run, so the defaults are the laptop values,
+    picked so it takes about a minute on a 2-core CPU, and ``LAPTOP_OVERRIDES`` is empty (``for_profile``
+    gives the same config in both profiles).  The paper's values are noted in each field's help.  The
+    four-method comparison of 9.5 takes its budget from the PPO recipe instead (``compare_methods``).
     """
 
     laptop_overrides = LAPTOP_OVERRIDES
     field_checks = {
-        "seed": SEED, "dpo_beta dpo_learning_rate rl_learning_rate temperature ppo_learning_rate": POSITIVE,
-        "dpo_steps dpo_batch_size rl_rounds rl_prompts_per_round rl_minibatches rl_epochs": POSITIVE_INT,
-        "rl_max_completion_length ppo_forward_batch_size": POSITIVE_INT, "dpo_max_length": integer(2),
-        "rl_num_generations": integer(2, note="a group needs 2 completions to compare"),
-        "rloo_beta grpo_beta ppo_init_kl_coef": NON_NEGATIVE,
+        "seed": SEED, "dpo_beta dpo_learning_rate": POSITIVE, "dpo_steps dpo_batch_size": POSITIVE_INT,
+        "dpo_max_length": integer(2),
     }
 
-    seed: int = field(default=0, metadata={"help": "seed of every run (TRL's seed, PPO's seed)"})
+    seed: int = field(default=0, metadata={"help": "seed of the DPO run (TRL's seed)"})
     # DPO (Rafailov et al. 2023: beta 0.1, lr 1e-6, batch 64, on 1B+ pretrained models); the laptop
     # policy is a 7M model trained from scratch, which takes a far larger learning rate
     dpo_beta: float = field(default=0.1, metadata={"help": "DPO beta (Rafailov et al. 2023: 0.1)"})
@@ -76,39 +68,6 @@ class BeyondPPOConfig(ProfileConfig):
     dpo_steps: int = field(default=32, metadata={"help": "DPO steps: one epoch of the 256 English training pairs of notebook 04"})
     dpo_batch_size: int = field(default=8, metadata={"help": "DPO pairs per step (paper: 64)"})
     dpo_max_length: int = field(default=64, metadata={"help": "DPO prompt + reply tokens; the laptop pairs are short"})
-    # RLOO / GRPO (and the PPO row) on the sentiment task of notebook 07: every method samples the
-    # same number of completions, rl_rounds x rl_prompts_per_round x rl_num_generations
-    rl_rounds: int = field(default=10, metadata={"help": "sampling rounds (RLOO, GRPO and the PPO row alike)"})
-    rl_prompts_per_round: int = field(default=8, metadata={"help": "prompts sampled per round"})
-    rl_num_generations: int = field(default=4, metadata={
-        "help": "k completions per prompt: the group (GRPO) / leave-one-out set (RLOO)"})
-    rl_minibatches: int = field(default=4, metadata={
-        "help": "gradient steps per pass over a round, each on an equal share of it"})
-    rl_epochs: int = field(default=4, metadata={
-        "help": "passes over each round: PPO's ppo_epochs, TRL's num_iterations (mu in GRPO)"})
-    rl_learning_rate: float = field(default=2e-4, metadata={
-        "help": "RLOO/GRPO learning rate: a laptop value for a small policy trained from scratch"})
-    rl_max_completion_length: int = field(default=16, metadata={"help": "completion tokens (responses of 4-16 tokens in the seed)"})
-    rloo_beta: float = field(default=0.05, metadata={"help": "RLOO's KL coefficient (TRL's default: KL folded into the reward)"})
-    grpo_beta: float = field(default=0.04, metadata={
-        "help": "GRPO's KL coefficient (DeepSeekMath's value; TRL's default is 0.0, which loads no reference)"})
-    temperature: float = field(default=1.0, metadata={
-        "help": "sampling temperature: pure sampling, as in the PPO notebook (top_k 0, top_p 1)"})
-    # The PPO row (laptop profile only): a step size near RLOO's and GRPO's and the seed's beta
-    ppo_learning_rate: float = field(default=3e-4, metadata={
-        "help": "PPO row's learning rate, near rl_learning_rate (laptop only; full: PPOConfig's 1.41e-5)"})
-    ppo_init_kl_coef: float = field(default=0.2, metadata={
-        "help": "PPO row's beta: the seed's 0.2, not notebook 07's laptop 0.05 (laptop only; full: PPOConfig's 0.2)"})
-    ppo_forward_batch_size: int = field(default=32, metadata={
-        "help": "PPO row's no-grad forward chunk (laptop only; full: PPOConfig's 64)"})
-
-    def validate(self) -> None:
-        super().validate()  # one rule per field (field_checks), then the relation between them
-        completions = self.rl_prompts_per_round * self.rl_num_generations
-        if completions % self.rl_minibatches:
-            raise ValueError(f"BeyondPPOConfig: {completions} completions per round (rl_prompts_per_round x "
-                             f"rl_num_generations) do not split into rl_minibatches={self.rl_minibatches} equal "
-                             f"gradient steps; use an rl_minibatches that divides {completions}")
 
 
 def on_cpu() -> bool:
@@ -334,7 +293,7 @@ def _run_trl(method: str, build: Callable[[], object]) -> MethodRun:
     return measured_run(method, build_quietly, _train_trl, trainer_networks)
 
 
-# ----------------------------------------------------------------------------- the three trainers
+# ----------------------------------------------------------------------------- DPO on offline pairs (9.4)
 
 
 def train_dpo(policy, tokenizer, pairs, config: BeyondPPOConfig, output_dir: str | Path) -> MethodRun:
@@ -350,92 +309,7 @@ def train_dpo(policy, tokenizer, pairs, config: BeyondPPOConfig, output_dir: str
                                               processing_class=tokenizer))
 
 
-def _group_args(config_class, config: BeyondPPOConfig, output_dir, beta: float):
-    config.validate()  # every field, and that the completions split into rl_minibatches equal steps
-    completions = config.rl_prompts_per_round * config.rl_num_generations
-    return trl_args(config_class, output_dir, seed=config.seed, beta=beta,
-                    learning_rate=config.rl_learning_rate,
-                    max_steps=config.rl_rounds * config.rl_minibatches * config.rl_epochs,  # gradient steps
-                    per_device_train_batch_size=completions // config.rl_minibatches,
-                    steps_per_generation=config.rl_minibatches,  # one sampling round, cut in minibatches
-                    num_iterations=config.rl_epochs,  # ... and passed over this many times
-                    num_generations=config.rl_num_generations,
-                    max_completion_length=config.rl_max_completion_length,
-                    temperature=config.temperature, top_k=0, top_p=1.0)
-
-
-def _train_group(method: str, policy, tokenizer, prompts, reward_fn: Callable, config: BeyondPPOConfig,
-                 output_dir: str | Path, beta: float) -> MethodRun:
-    """RLOO or GRPO through TRL's ``{method}Trainer``: both sample a group of completions per prompt."""
-    import trl
-
-    config_class, trainer_class = getattr(trl, f"{method}Config"), getattr(trl, f"{method}Trainer")
-    args = _group_args(config_class, config, output_dir, beta)
-    path = require_saved_path(policy)
-    return _run_trl(method, lambda: trainer_class(model=path, reward_funcs=reward_fn, args=args,
-                                                  train_dataset=prompts, processing_class=tokenizer))
-
-
-def train_rloo(policy, tokenizer, prompts, reward_fn: Callable, config: BeyondPPOConfig,
-               output_dir: str | Path) -> MethodRun:
-    """RLOO (Ahmadian et al. 2024) with TRL: ``prompts`` is a Dataset with a ``prompt`` column."""
-    return _train_group("RLOO", policy, tokenizer, prompts, reward_fn, config, output_dir, config.rloo_beta)
-
-
-def train_grpo(policy, tokenizer, prompts, reward_fn: Callable, config: BeyondPPOConfig,
-               output_dir: str | Path) -> MethodRun:
-    """GRPO (Shao et al. 2024, DeepSeekMath) with TRL: ``prompts`` is a Dataset with a ``prompt`` column."""
-    return _train_group("GRPO", policy, tokenizer, prompts, reward_fn, config, output_dir, config.grpo_beta)
-
-
-def ppo_config_same_budget(config: BeyondPPOConfig):
-    """Notebook 07's PPO, resized to sample as many completions as the RLOO/GRPO runs.
-
-    The step size is kept near RLOO's and GRPO's (``ppo_learning_rate`` near ``rl_learning_rate``) and
-    β at the seed's 0.2 (``ppo_init_kl_coef``), rather than notebook 07's laptop values (lr 5e-4, β 0.05,
-    tuned for 55 steps of 64): with a handful of rounds the comparison is about the algorithms, not
-    about who got the larger learning rate.  Both profiles: the same budget is the point of the
-    comparison (the seed's 1.41e-5 beside RLOO's 2e-4 would compare step sizes, not methods).
-    """
-    from rlhf_course.rl import ppo
-
-    completions = config.rl_prompts_per_round * config.rl_num_generations
-    return ppo.PPOConfig.for_profile(steps=config.rl_rounds, batch_size=completions,
-                                     mini_batch_size=max(1, completions // config.rl_minibatches),
-                                     ppo_epochs=config.rl_epochs, seed=config.seed,
-                                     learning_rate=config.ppo_learning_rate, init_kl_coef=config.ppo_init_kl_coef,
-                                     forward_batch_size=config.ppo_forward_batch_size)
-
-
-def train_ppo_same_budget(queries: list[list[int]], reward: SentimentReward, config: BeyondPPOConfig,
-                          device: torch.device | str = "cpu") -> MethodRun:
-    """The course's own PPO (``rlhf_course.rl.ppo``, notebook 07) on the same budget, measured the same way.
-
-    Its critic is a value head on the policy's trunk (as TRL 0.x), so four roles live in three
-    networks: actor + critic, reference, reward model.
-    """
-    from rlhf_course.rl import ppo
-
-    config.validate()
-    ppo_config = ppo_config_same_budget(config)
-
-    def build():
-        return ppo.load_policy_and_reference(device)
-
-    def train(parts) -> pd.DataFrame:
-        policy, reference, tokenizer = parts
-        history = ppo.train_ppo(ppo_config, policy, reference, tokenizer, reward.score_texts, queries, device=device)
-        return pd.DataFrame(history).rename(columns={"reward_mean": "reward"}).set_index("step")
-
-    def networks(parts) -> dict[str, nn.Module]:
-        policy, reference, _ = parts
-        return {"policy": policy.lm, "critic (value head)": policy.v_head, "reference": reference,
-                "reward model": reward.model}
-
-    return measured_run("PPO", build, train, networks)
-
-
-# ----------------------------------------------------------------------------- one evaluation for all
+# ----------------------------------------------------------------------------- DPO's implicit reward
 
 
 def completion_logprobs(model: nn.Module, prompt_ids: list[list[int]], completion_ids: list[list[int]],
@@ -493,85 +367,3 @@ def implicit_rewards(policy: nn.Module, reference: nn.Module, tokenizer, pairs, 
     frame = pd.DataFrame(rows)
     frame["margin"] = frame["chosen_reward"] - frame["rejected_reward"]
     return frame
-
-
-def sample_completions(policy: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int,
-                       seed: int = 0, batch_size: int = 32) -> tuple[list[list[int]], list[list[int]]]:
-    """Pure sampling (top_k 0, top_p 1) from ``policy``; returns (prompt ids, completion ids) per prompt,
-    each completion cut after its first EOS (the EOS kept)."""
-    device = next(policy.parameters()).device
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    all_prompts, all_completions = [], []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            with padding_side(tokenizer, "left"):  # generation appends after each prompt's real last token
-                batch = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True,
-                                  add_special_tokens=False).to(device)
-            with torch.inference_mode():
-                out = policy.generate(**batch, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-                                      max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-            width = batch["input_ids"].shape[1]
-            for ids, mask, generated in zip(batch["input_ids"], batch["attention_mask"], out[:, width:]):
-                completion = generated.tolist()
-                if tokenizer.eos_token_id in completion:
-                    completion = completion[: completion.index(tokenizer.eos_token_id) + 1]
-                all_prompts.append(ids[mask.bool()].tolist())
-                all_completions.append(completion)
-    finally:
-        torch.random.set_rng_state(generator_state)
-    return all_prompts, all_completions
-
-
-def evaluate_policy(policy: nn.Module, reference: nn.Module, tokenizer, prompts: Sequence[str],
-                    reward_fn: Callable, max_new_tokens: int, seed: int = 0) -> dict:
-    """Sample one completion per prompt and report the mean reward and the KL to the reference.
-
-    KL(pi || pi_ref) is estimated per completion by ``sum_t log pi(y_t) - log pi_ref(y_t)`` over its
-    sampled tokens (unbiased, as PPO implementations log it), then averaged.
-    """
-    prompt_ids, completion_ids = sample_completions(policy, tokenizer, prompts, max_new_tokens, seed)
-    completions = [tokenizer.decode(c, skip_special_tokens=True) for c in completion_ids]
-    prompt_texts = [tokenizer.decode(p, skip_special_tokens=True) for p in prompt_ids]
-    rewards = torch.tensor(reward_fn(prompts=prompt_texts, completions=completions))
-    nonempty = [i for i, c in enumerate(completion_ids) if c]
-    logp = completion_logprobs(policy, [prompt_ids[i] for i in nonempty],
-                               [completion_ids[i] for i in nonempty], tokenizer.pad_token_id)
-    ref_logp = completion_logprobs(reference, [prompt_ids[i] for i in nonempty],
-                                   [completion_ids[i] for i in nonempty], tokenizer.pad_token_id)
-    return {"reward": rewards.mean().item(), "kl": (logp - ref_logp).mean().item(),
-            "samples": pd.DataFrame({"prompt": prompt_texts, "completion": completions,
-                                     "reward": rewards.tolist()})}
-
-
-# ----------------------------------------------------------------------------- code size
-
-
-def code_lines(obj) -> int:
-    """Lines of code of a module, class, function or file: blank lines, comments and docstrings not
-    counted."""
-    if isinstance(obj, (str, Path)):
-        source = Path(obj).read_text(encoding="utf-8")
-    else:
-        source = inspect.getsource(obj)
-    import textwrap
-
-    source = textwrap.dedent(source)
-    docstring_lines: set[int] = set()
-    for node in ast.walk(ast.parse(source)):
-        body = getattr(node, "body", None)
-        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
-                and isinstance(getattr(body[0], "value", None), ast.Constant) \
-                and isinstance(body[0].value.value, str):
-            docstring_lines.update(range(body[0].lineno, body[0].end_lineno + 1))
-    return sum(
-        1
-        for number, line in enumerate(source.splitlines(), start=1)
-        if line.strip() and not line.strip().startswith("#") and number not in docstring_lines
-    )
-
-
-def library_lines(*classes) -> int:
-    """Lines of code in the source files that define ``classes`` (e.g. a TRL trainer and its config)."""
-    files = {inspect.getsourcefile(c) for c in classes}
-    return sum(code_lines(f) for f in files)

@@ -1,7 +1,8 @@
 """Notebook 09's comparison: DPO, RLOO and GRPO (TRL 1.16's trainers) against the course's PPO, on one budget.
 
 Every run starts from the same SFT policy (``load_start``: SmolLM2-135M with its review SFT adapter merged)
-with PPO's fresh LoRA adapter (``lora_policy.PPO_LORA``, B = 0, A drawn as PPO draws it), trains on the same
+with a fresh LoRA adapter of PPO's shape (``lora_policy.PPO_LORA``, B = 0; A drawn with seed 0 by PPO and by TRL
+at seed 0, with the run's seed by TRL at other seeds, as its trainers reseed before wrapping), trains on the same
 prompts, and is measured the same way (``RunLog``): proxy reward, gold judge, KL to the reference and
 distinct-2 on the same 64 held-out openings with the same sampling seed, and the run's peak memory and
 training time.  The reference is always the adapter switched off: PPO's ``AdapterDisabledReference``, and
@@ -273,7 +274,7 @@ def build_trainer(method: str, start: MethodStart, budget: MethodBudget, dataset
     lora = causal_lm_lora_config(PPO_LORA["r"], PPO_LORA["alpha"], PPO_LORA["target_modules"], PPO_LORA["top_layers"],
                                  start.lm.config.num_hidden_layers)
     args = trl_config(method, budget, output_dir, progress)
-    torch.manual_seed(0)  # LoRA's A drawn as lora_policy.add_lora_adapter draws PPO's; the Trainer then seeds itself
+    torch.manual_seed(0)  # LoRA's A as add_lora_adapter draws PPO's, unless TRL reseeds first (it does: args.seed)
     if method == "dpo":
         return _dpo_on_token_ids()(model=start.lm, args=args, train_dataset=dataset, processing_class=start.tokenizer,
                                    peft_config=lora)
