@@ -392,6 +392,31 @@ def arm_summary(frame, metric: str, step: int | None = None, baseline: str | Non
     return summary
 
 
+def pairwise_differences(frame, metric: str, arms: list[str] | None = None, step: int | None = None):
+    """Every pair of arms (the higher mean first) on ``metric`` at ``step`` (None: each run's last): the
+    difference of the means, its standard error, and Welch's t-test at the 5% level (Welch 1947: unequal
+    variances, Welch-Satterthwaite degrees of freedom), so that a ranking says which gaps its seeds resolve.
+    ``beyond_95`` is left empty for a pair where an arm has one seed (no spread to test against)."""
+    import itertools
+
+    import pandas as pd
+
+    from rlhf_course.core.stats import student_t_quantile
+
+    summary = arm_summary(frame, metric, step)
+    summary = summary.loc[[arm for arm in (arms or summary.index) if arm in summary.index]]
+    rows = []
+    for a, b in itertools.combinations(summary.sort_values("mean", ascending=False).index, 2):
+        (n_a, se_a), (n_b, se_b) = summary.loc[a, ["seeds", "se"]], summary.loc[b, ["seeds", "se"]]
+        se = (se_a ** 2 + se_b ** 2) ** 0.5
+        df = se ** 4 / (se_a ** 4 / (n_a - 1) + se_b ** 4 / (n_b - 1)) if min(n_a, n_b) > 1 and se > 0 else float("nan")
+        t95 = student_t_quantile(0.975, df) if df == df else float("nan")
+        difference = summary.loc[a, "mean"] - summary.loc[b, "mean"]
+        rows.append({"higher": a, "lower": b, "difference": difference, "se": se, "difference_in_se": difference / se,
+                     "welch_df": df, "t95": t95, "beyond_95": (difference / se > t95) if df == df else None})
+    return pd.DataFrame(rows)
+
+
 def arm_table(frame, metrics: dict[str, str], step: int | None = None, baseline: str = "base"):
     """One row per arm, for display: the seeds, then per metric its mean with the 95% interval over seeds and
     the difference from ``baseline`` in standard errors (blank where an arm or the baseline has one seed)."""

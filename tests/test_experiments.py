@@ -240,3 +240,17 @@ def test_plot_curves_draws_each_seed_and_the_mean_with_its_interval(sweep, tmp_p
     assert [text.get_text() for text in axis.get_legend().get_texts()] == ["b (3 seeds)"]
     band = axis.collections[0].get_paths()[0].vertices[:, 1]
     assert band.max() > runs.mean(axis=1).max()  # a t-interval over three seeds that differ
+
+
+def test_pairwise_differences_test_each_pair_with_welch():
+    rows = [{"arm": arm, "seed": seed, "step": 5, "metric": "gold", "value": value}
+            for arm, values in {"a": [1.0, 1.1, 0.9], "b": [0.0, 0.2, -0.2], "c": [0.9, 1.5, 0.3], "d": [7.0]}.items()
+            for seed, value in enumerate(values)]
+    pairs = experiments.pairwise_differences(pd.DataFrame(rows), "gold", arms=["a", "b", "c", "d"]).set_index(["higher", "lower"])
+    assert list(pairs.index) == [("d", "a"), ("d", "c"), ("d", "b"), ("a", "c"), ("a", "b"), ("c", "b")]  # by mean
+    ab = pairs.loc[("a", "b")]  # se 0.0577 and 0.115: Welch's df = 2.94, not the pooled 4
+    assert ab["se"] == pytest.approx((0.01 / 3 + 0.04 / 3) ** 0.5)
+    assert ab["welch_df"] == pytest.approx((0.05 / 3) ** 2 / ((0.01 / 3) ** 2 / 2 + (0.04 / 3) ** 2 / 2))
+    assert ab["beyond_95"] and ab["difference_in_se"] == pytest.approx(1.0 / ab["se"])
+    assert not pairs.loc[("a", "c"), "beyond_95"]  # a small gap against a wide spread
+    assert pairs.loc[("d", "a"), "beyond_95"] is None  # one seed of d: nothing to test against
