@@ -465,7 +465,7 @@ def plot_arms(frame, metrics: dict[str, str], step: int | None = None, arms: lis
     return fig
 
 
-def plot_curves(frame, metrics: dict[str, str], arms: list[str] | None = None):
+def plot_metric_curves(frame, metrics: dict[str, str], arms: list[str] | None = None):
     """One panel per metric (three to a row), the metric against the step for each arm: every seed as a thin
     line, the mean over seeds as a thick one with its 95% t-interval shaded where an arm has several seeds."""
     import matplotlib.pyplot as plt

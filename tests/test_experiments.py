@@ -224,14 +224,14 @@ def test_arm_table_and_plot_arms_show_every_arm_with_its_interval(sweep, tmp_pat
     assert len(grid.axes) == 6 and [axis.get_title() for axis in grid.axes if axis.get_visible()] == list(metrics)
 
 
-def test_plot_curves_draws_each_seed_and_the_mean_with_its_interval(sweep, tmp_path):
+def test_plot_metric_curves_draws_each_seed_and_the_mean_with_its_interval(sweep, tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
     path = tmp_path / "toy.csv"
     experiments.run_sweep(sweep, [0, 1, 2], path=path)
     frame = experiments.load_sweep(path)
-    fig = experiments.plot_curves(frame, {"proxy_reward": "proxy"}, arms=["b", "missing"])
+    fig = experiments.plot_metric_curves(frame, {"proxy_reward": "proxy"}, arms=["b", "missing"])
     axis = fig.axes[0]
     runs = frame[(frame["arm"] == "b") & (frame["metric"] == "proxy_reward")].pivot_table(
         index="step", columns="seed", values="value")
