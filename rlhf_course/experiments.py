@@ -433,16 +433,24 @@ def arm_table(frame, metrics: dict[str, str], step: int | None = None, baseline:
     return pd.DataFrame(table, index=summary.index)
 
 
+def _panel_grid(panels: int, panel_height: float):
+    """A figure of ``panels`` panels, three to a row, the unused places of the last row hidden."""
+    import matplotlib.pyplot as plt
+
+    columns = min(3, panels)
+    rows_of_panels = -(-panels // columns)
+    fig, axes = plt.subplots(rows_of_panels, columns, figsize=(4.6 * columns, panel_height * rows_of_panels), squeeze=False)
+    for axis in axes.flat[panels:]:
+        axis.set_visible(False)
+    return fig, axes
+
+
 def plot_arms(frame, metrics: dict[str, str], step: int | None = None, arms: list[str] | None = None):
     """One panel per metric (three to a row): each seed's value as a dot and the mean with its 95% interval as a
     bar, per arm."""
     import matplotlib.pyplot as plt
 
-    columns = min(3, len(metrics))
-    rows_of_panels = -(-len(metrics) // columns)
-    fig, axes = plt.subplots(rows_of_panels, columns, figsize=(4.6 * columns, 3.6 * rows_of_panels), squeeze=False)
-    for axis in axes.flat[len(metrics):]:
-        axis.set_visible(False)
+    fig, axes = _panel_grid(len(metrics), panel_height=3.6)
     for axis, (metric, label) in zip(axes.flat, metrics.items()):
         summary = arm_summary(frame, metric, step)
         order = [arm for arm in (arms or summary.index) if arm in summary.index]
@@ -473,11 +481,7 @@ def plot_metric_curves(frame, metrics: dict[str, str], arms: list[str] | None = 
     from rlhf_course.core.stats import student_t_quantile
 
     arms = [arm for arm in (arms or frame["arm"].unique()) if arm in set(frame["arm"])]
-    columns = min(3, len(metrics))
-    rows_of_panels = -(-len(metrics) // columns)
-    fig, axes = plt.subplots(rows_of_panels, columns, figsize=(4.6 * columns, 3.4 * rows_of_panels), squeeze=False)
-    for axis in axes.flat[len(metrics):]:
-        axis.set_visible(False)
+    fig, axes = _panel_grid(len(metrics), panel_height=3.4)
     for axis, (metric, label) in zip(axes.flat, metrics.items()):
         for color, arm in enumerate(arms):
             rows = frame[(frame["arm"] == arm) & (frame["metric"] == metric)]
