@@ -103,6 +103,7 @@ SWEEPS = {
             "lr_decay": {"lr_schedule": "linear"},  # [37 detail 4]
             "no_grad_clip": {"max_grad_norm": None},  # [37 detail 11]
             "force_max_length": {"force_max_length": True},  # EOS suppressed: every response runs to its budget
+            "fake_eos": {"fake_eos": True},  # a response cut at its budget ends in EOS anyway (OpenRLHF)
             "beta_0": {"init_kl_coef": 0.0},
         },
         about="the PPO tricks of notebook 08, one change each to the recipe of notebook 07 (issue 15)"),

@@ -130,6 +130,21 @@ def test_generation_stops_at_eos_unless_forced(tokenizer):
     budgets = [sampling.length_sampler(4, 16, r) for r in [random.Random(0)] for _ in range(2)]
     assert mask.sum(1).tolist() == budgets
     assert not (response_ids[mask.bool()] == EOS).any()
+    faked = ppo.PPOConfig(batch_size=2, mini_batch_size=2, force_max_length=True, fake_eos=True)
+    _, _, faked_ids, faked_mask = sampling.generate_batch(lm, queries, tokenizer, faked, random.Random(0))
+    assert torch.equal(faked_mask, mask)  # same lengths: the last kept token becomes EOS, nothing is added
+    last = mask.sum(1) - 1
+    assert faked_ids[torch.arange(2), last].tolist() == [EOS, EOS]
+    before_last = mask.bool() & (torch.arange(mask.shape[1])[None, :] < last[:, None])
+    assert torch.equal(faked_ids[before_last], response_ids[before_last])
+
+
+def test_fake_eos_leaves_responses_that_end_in_eos_and_empty_ones_alone():
+    ids = torch.tensor([[5, 6, EOS, 0], [5, 6, 7, 8], [0, 0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0]])
+    faked = sampling.with_fake_eos(ids, mask, EOS)
+    assert faked.tolist() == [[5, 6, EOS, 0], [5, 6, 7, EOS], [0, 0, 0, 0]]
+    assert ids[1, 3] == 8  # the input is not modified
 
 
 def test_left_padded_logprobs_match_unpadded(tokenizer):

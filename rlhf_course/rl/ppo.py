@@ -93,7 +93,7 @@ class PPOConfig(ProfileConfig):
         "learning_rate adam_eps cliprange kl_target": POSITIVE, "max_grad_norm": POSITIVE.or_none("no clipping"),
         "lr_schedule": one_of(LR_SCHEDULES), "gamma lam": FRACTION, "vf_coef entropy_coef init_kl_coef": NON_NEGATIVE,
         "cliprange_value": number(0, low_open=True, finite=False, note="inf: no value clipping"), "seed": SEED,
-        "force_max_length adaptive_kl whiten_advantages scale_rewards": FLAG,
+        "force_max_length fake_eos adaptive_kl whiten_advantages scale_rewards": FLAG,
     }
 
     # --- data and sampling (the seed notebook)
@@ -110,6 +110,9 @@ class PPOConfig(ProfileConfig):
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (1.0, as the seed)"})
     force_max_length: bool = field(default=False, metadata={
         "help": "suppress EOS so every response runs to its budget (min_length = max_length)"})
+    fake_eos: bool = field(default=False, metadata={
+        "help": "a response cut at its budget without EOS gets EOS as its last token, so every scored and trained "
+                "sequence ends in EOS (OpenRLHF's vLLM rollout); held-out evaluations sample without it"})
     # --- optimisation  [TRL0 defaults]
     steps: int = field(default=194, metadata={"help": "PPO steps (seed: 25,000 IMDB reviews / 128 = 194)"})
     batch_size: int = field(default=128, metadata={

@@ -292,7 +292,26 @@ def generate_batch(lm, queries: list[list[int]], tokenizer, config: PPOConfig, r
     eos = None if config.force_max_length else eos_id
     response_mask = response_mask_after_eos(response_ids, eos, budgets)
     response_ids = response_ids.masked_fill(response_mask == 0, tokenizer.pad_token_id)
+    if config.fake_eos:
+        response_ids = with_fake_eos(response_ids, response_mask, eos_id)
     return query_ids, query_mask, response_ids, response_mask
+
+
+def with_fake_eos(response_ids: torch.Tensor, response_mask: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Replace the last kept token of each response that does not end in ``eos_id`` with ``eos_id``.
+
+    OpenRLHF's vLLM rollout does this to responses that hit the token limit (OpenRLHF issue #238): its reward
+    models read the score at the EOS token, so every scored sequence must end in one.  The replaced token was
+    never sampled by the policy, so PPO trains on one off-policy token per such response, and the text the
+    reward model sees loses its last token.
+    """
+    lengths = response_mask.sum(1)
+    rows = torch.arange(len(response_ids))
+    last = (lengths - 1).clamp(min=0)
+    missing = (lengths > 0) & (response_ids[rows, last] != eos_id)
+    response_ids = response_ids.clone()
+    response_ids[rows[missing], last[missing]] = eos_id
+    return response_ids
 
 
 @torch.no_grad()
