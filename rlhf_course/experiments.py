@@ -366,16 +366,23 @@ def load_samples(name_or_path: str | Path):
     return frame.rename(columns={"method": "arm"})
 
 
-def arm_summary(frame, metric: str, step: int | None = None, baseline: str | None = None):
+def arm_summary(frame, metric: str, step: int | None = None, baseline: str | None = None, last_steps: int = 1):
     """Mean, standard error and 95% t-interval of ``metric`` per arm over seeds, at ``step`` (None: each
-    run's last), and with ``baseline`` each arm's difference from it in standard errors."""
+    run's last), and with ``baseline`` each arm's difference from it in standard errors.
+
+    ``last_steps`` > 1 first averages each run over its last ``last_steps`` logged steps (with ``step`` None):
+    a training metric is logged every step and one step's value is a noisy draw; a run's average is steadier.
+    """
     import pandas as pd
 
     from rlhf_course.core.stats import student_t_quantile
 
+    if last_steps < 1 or (step is not None and last_steps != 1):
+        raise ValueError(f"last_steps={last_steps}: use 1 or more, and 1 with a given step")
     rows = frame[frame["metric"] == metric]
     if step is None:
-        rows = rows[rows["step"] == rows.groupby(["arm", "seed"])["step"].transform("max")]
+        from_last = rows.groupby(["arm", "seed"])["step"].rank(method="first", ascending=False)
+        rows = rows[from_last <= last_steps].groupby(["arm", "seed"], as_index=False)["value"].mean()
     else:
         rows = rows[rows["step"] == step]
     if rows.empty:
@@ -418,20 +425,38 @@ def pairwise_differences(frame, metric: str, arms: list[str] | None = None, step
     return pd.DataFrame(rows)
 
 
-def arm_table(frame, metrics: dict[str, str], step: int | None = None, baseline: str = "base"):
+def arm_table(frame, metrics: dict[str, str], step: int | None = None, baseline: str = "base", last_steps: int = 1):
     """One row per arm, for display: the seeds, then per metric its mean with the 95% interval over seeds and
-    the difference from ``baseline`` in standard errors (blank where an arm or the baseline has one seed)."""
+    the difference from ``baseline`` in standard errors (blank where an arm or the baseline has one seed).
+    ``last_steps`` as in ``arm_summary``, for the metrics whose name starts with ``train_``."""
     import pandas as pd
 
     table = {}
     for metric, label in metrics.items():
-        summary = arm_summary(frame, metric, step, baseline if baseline in set(frame["arm"]) else None)
+        window = last_steps if metric.startswith("train_") else 1
+        summary = arm_summary(frame, metric, step, baseline if baseline in set(frame["arm"]) else None, window)
         table["seeds"] = summary["seeds"]
         table[label] = [f"{row.mean:.3g} [{row.ci95_low:.3g}, {row.ci95_high:.3g}]" if row.seeds > 1
                         else f"{row.mean:.3g} (one seed)" for row in summary.itertuples()]
         if "difference_in_se" in summary:
             table[f"{label} vs {baseline}, s.e."] = summary["difference_in_se"].round(1)
     return pd.DataFrame(table, index=summary.index)
+
+
+def effect_text(frame, arm: str, metric: str, label: str, baseline: str = "base", last_steps: int = 1,
+                digits: int = 3) -> str:
+    """One line for a notebook's conclusion: ``arm``'s mean of ``metric`` with its 95% interval, the baseline's
+    mean, the difference and how many standard errors it is (``arm_summary``), and whether that is beyond 2."""
+    summary = arm_summary(frame[frame["arm"].isin([arm, baseline])], metric, baseline=baseline, last_steps=last_steps)
+    if arm not in summary.index:
+        raise ValueError(f"no {metric!r} rows for arm {arm!r}: arms with rows are {', '.join(summary.index)}")
+    row, base = summary.loc[arm], summary.loc[baseline]
+    shown = f"{row['mean']:.{digits}g}" + (f" [{row.ci95_low:.{digits}g}, {row.ci95_high:.{digits}g}]" if row.seeds > 1 else "")
+    if row.seeds < 2 or base.seeds < 2:
+        return f"{label} {shown} against {base['mean']:.{digits}g} for `{baseline}` (one seed: no interval yet)"
+    verdict = "beyond" if abs(row.difference_in_se) > 2 else "within"
+    return (f"{label} {shown} against {base['mean']:.{digits}g} for `{baseline}` ({row.difference:+.{digits}g}, "
+            f"{row.difference_in_se:+.1f} s.e., {verdict} 2 s.e.)")
 
 
 def _panel_grid(panels: int, panel_height: float):

@@ -254,3 +254,34 @@ def test_pairwise_differences_test_each_pair_with_welch():
     assert ab["beyond_95"] and ab["difference_in_se"] == pytest.approx(1.0 / ab["se"])
     assert not pairs.loc[("a", "c"), "beyond_95"]  # a small gap against a wide spread
     assert pairs.loc[("d", "a"), "beyond_95"] is None  # one seed of d: nothing to test against
+
+
+def training_rows(values_by_arm: dict[str, list[list[float]]]):
+    """A frame of one training metric: arm -> one list of per-step values per seed (steps 1, 2, ...)."""
+    return pd.DataFrame([{"arm": arm, "seed": seed, "step": step, "metric": "train_loss", "value": value}
+                         for arm, runs in values_by_arm.items() for seed, run in enumerate(runs)
+                         for step, value in enumerate(run, start=1)])
+
+
+def test_arm_summary_averages_each_run_over_its_last_steps():
+    frame = training_rows({"a": [[9.0, 1.0, 3.0], [9.0, 2.0, 4.0]], "b": [[0.0, 5.0, 7.0], [0.0, 6.0, 8.0]]})
+    assert experiments.arm_summary(frame, "train_loss").loc["a", "mean"] == pytest.approx(3.5)  # last step only
+    two = experiments.arm_summary(frame, "train_loss", baseline="a", last_steps=2)
+    assert two.loc["a", "mean"] == pytest.approx(2.5) and two.loc["b", "mean"] == pytest.approx(6.5)
+    assert two.loc["a", "sd"] == pytest.approx(2 ** 0.5 / 2)  # the runs' averages 2.0 and 3.0 are the samples
+    assert experiments.arm_summary(frame, "train_loss", last_steps=9).loc["a", "mean"] == pytest.approx(14 / 3)
+    with pytest.raises(ValueError, match="last_steps"):
+        experiments.arm_summary(frame, "train_loss", step=2, last_steps=2)
+    with pytest.raises(ValueError, match="last_steps"):
+        experiments.arm_summary(frame, "train_loss", last_steps=0)
+
+
+def test_effect_text_states_the_difference_in_standard_errors_and_the_verdict():
+    frame = training_rows({"base": [[1.0], [1.2], [0.8]], "far": [[3.0], [3.2], [2.8]], "near": [[1.1], [1.5], [0.7]],
+                           "alone": [[5.0]]})
+    far = experiments.effect_text(frame, "far", "train_loss", "loss")
+    assert far.startswith("loss 3 [") and "`base`" in far and "+2" in far and "beyond 2 s.e." in far
+    assert "within 2 s.e." in experiments.effect_text(frame, "near", "train_loss", "loss")
+    assert "one seed" in experiments.effect_text(frame, "alone", "train_loss", "loss")
+    with pytest.raises(ValueError, match="no 'train_loss' rows for arm 'missing'"):
+        experiments.effect_text(frame, "missing", "train_loss", "loss")

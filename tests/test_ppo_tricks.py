@@ -80,6 +80,7 @@ def test_repetition_stats_and_top_words():
     # bigrams: (great,great) x2, (a,b), (b,c) -> 3 distinct of 4
     assert stats["distinct_2"] == pytest.approx(0.75)
     assert tricks.top_words(["Great, great!", "great film"], n=1) == [("great", 3)]
+    assert tricks.top_words(["a film, a good film", "of the film"], n=2, min_chars=4) == [("film", 3), ("good", 1)]
     with pytest.raises(ValueError):
         tricks.repetition_stats([])
 

@@ -260,9 +260,11 @@ def repetition_stats(texts: Sequence[str]) -> dict:
     }
 
 
-def top_words(texts: Sequence[str], n: int = 8) -> list[tuple[str, int]]:
-    """The ``n`` most frequent lower-cased words: a degenerate policy repeats a few 'magic' words."""
-    return Counter(w.strip(".,!?;:\"'").lower() for t in texts for w in t.split() if w.strip(".,!?;:\"'")).most_common(n)
+def top_words(texts: Sequence[str], n: int = 8, min_chars: int = 1) -> list[tuple[str, int]]:
+    """The ``n`` most frequent lower-cased words of at least ``min_chars`` characters (4 skips "the", "of",
+    "and"): a degenerate policy repeats a few 'magic' words."""
+    words = (w.strip(".,!?;:\"'").lower() for t in texts for w in t.split())
+    return Counter(w for w in words if len(w) >= max(min_chars, 1)).most_common(n)
 
 
 # ============================================================================ 4. results table and CSV
