@@ -34,7 +34,7 @@ rl/        stage 3, reinforcement learning (notebooks 07-09); imports policy and
     rl.ppo              PPO for language models, from scratch, in one file
     rl.sampling         the prompts and the batched generation of a rollout
     rl.lora_policy      PPO on SmolLM2 with LoRA: adapter-off reference view, held-out evaluation
-    rl.tricks           PPO tricks and failure modes as experiments (notebook 08)
+    rl.tricks           the scaled reward and text statistics of notebook 08's sweeps (the sweeps: experiments)
     rl.beyond_ppo       DPO, RLOO and GRPO through TRL, against PPO (notebook 09)
     rl.compare_methods  notebook 09's sweep: DPO, RLOO, GRPO and PPO on one budget, on the real policy
 course/    on top: runs the course; may import anything

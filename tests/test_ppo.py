@@ -201,6 +201,15 @@ def test_config_validation_names_the_setting():
     assert laptop.batch_size < full.batch_size
 
 
+def test_linear_lr_schedule_goes_from_the_rate_to_zero():
+    linear = ppo.PPOConfig(steps=4, learning_rate=1e-3, lr_schedule="linear")
+    assert [ppo.learning_rate_at(linear, s) for s in range(5)] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4, 0.0])
+    constant = ppo.PPOConfig(steps=4, learning_rate=1e-3)
+    assert ppo.learning_rate_at(constant, 2) == constant.learning_rate  # constant by default (TRL0)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        ppo.PPOConfig(lr_schedule="cosine").validate()
+
+
 def test_sample_next_token_draws_from_the_distribution():
     probs = torch.tensor([0.7, 0.2, 0.1])
     logits = probs.log().expand(20000, 3)

@@ -34,9 +34,8 @@ def test_smoke_sizes_replace_the_full_values_and_nothing_else(smoke_run):
 
 def test_every_smoke_size_names_a_real_field_and_passes_validation():
     from rlhf_course.rl.beyond_ppo import BeyondPPOConfig
-    from rlhf_course.rl.tricks import TricksConfig
 
-    classes = {cls.__name__: cls for cls in (RewardTrainingConfig, PPOConfig, TricksConfig, BeyondPPOConfig)}
+    classes = {cls.__name__: cls for cls in (RewardTrainingConfig, PPOConfig, BeyondPPOConfig)}
     assert set(smoke.CONFIG_SIZES) == set(classes)
     for name, sizes in smoke.CONFIG_SIZES.items():
         classes[name](**sizes).validate()

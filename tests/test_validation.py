@@ -25,12 +25,11 @@ from rlhf_course.policy.sentiment import ClassifierConfig
 from rlhf_course.policy.sft import SFTConfig
 from rlhf_course.reward import training as reward_training
 from rlhf_course.reward.training import RewardTrainingConfig
-from rlhf_course.rl import beyond_ppo, ppo, tricks
+from rlhf_course.rl import beyond_ppo, ppo
 from rlhf_course.rl.beyond_ppo import BeyondPPOConfig
 from rlhf_course.rl.ppo import PPOConfig
-from rlhf_course.rl.tricks import TricksConfig
 
-CONFIGS = [RewardTrainingConfig, PPOConfig, BeyondPPOConfig, SFTConfig, ClassifierConfig, TricksConfig]
+CONFIGS = [RewardTrainingConfig, PPOConfig, BeyondPPOConfig, SFTConfig, ClassifierConfig]
 ALL_FIELDS = [(c, name) for c in CONFIGS for name in field_names(c)]
 reward_train_and_evaluate = train_reward.train_and_evaluate  # the real ones, before `nothing_loads` replaces them
 make_accelerator = train_ppo.distributed.make_accelerator
@@ -151,11 +150,6 @@ BAD = [
     (ClassifierConfig, dict(max_length=1000), r"max_length=1000 .*\[3, 512\]"),
     (ClassifierConfig, dict(held_out=0), "held_out=0"),
     (ClassifierConfig, dict(steps=10), "warmup_steps=24 is more than steps=10"),
-    (TricksConfig, dict(kl_coefs=()), r"kl_coefs=\(\)"),
-    (TricksConfig, dict(kl_coefs=(0.1, -1.0)), "kl_coefs="),
-    (TricksConfig, dict(gamma=2.0), "gamma=2.0"),
-    (TricksConfig, dict(long_run_steps=0), "long_run_steps=0"),
-    (TricksConfig, dict(long_run_mini_batch_size=7), "long_run_batch_size=32 must be a multiple"),
 ]
 
 
@@ -182,7 +176,6 @@ GOOD = [
     (RewardTrainingConfig, dict(lora_targets=("q_proj", "v_proj"), lora_dropout=0.0, warmup_ratio=0.0)),
     (RewardTrainingConfig, dict(lr_scheduler="cosine", extra={"note": "x"})),
     (SFTConfig, dict(warmup_steps=0)), (SFTConfig, dict(warmup_steps=200)),
-    (TricksConfig, dict(kl_coefs=[0.0, 0.5])),
 ]
 
 
@@ -200,15 +193,13 @@ def test_every_config_the_course_builds_today_validates(profile, monkeypatch, tm
     RewardTrainingConfig.for_profile(session, language="bilingual", trainer="pairwise", train_size=128, test_size=64)
     PPOConfig.for_profile()  # 06, 07
     PPOConfig.for_profile(session, min_review_chars=150)  # course/benchmarks.py
-    base = PPOConfig.for_profile(  # 08
-        session, steps=session.pick(12, 100), batch_size=session.pick(8, 128), mini_batch_size=session.pick(8, 32),
-        forward_batch_size=session.pick(8, 64), ppo_epochs=session.pick(2, 4),
-        learning_rate=session.pick(5e-4, 1.41e-5), max_grad_norm=1.0, init_kl_coef=0.2, adaptive_kl=False)
-    experiments = tricks.notebook_experiments(kl_coefs=(0.0, 0.05, 0.5), gamma=0.5, reward_scale=5.0)
-    experiments += [tricks.Experiment("base_seed1", "base", "base, seed 1", {"seed": 1}),
-                    tricks.long_run_without_kl(session)]
-    for experiment in experiments:
-        experiment.config(base)
+    from rlhf_course import experiments
+    from rlhf_course.rl import lora_policy
+
+    for sweep in experiments.SWEEPS.values():  # 07-09: every arm of every sweep, as run_rows builds it
+        for changes in sweep.arms.values():
+            changes = {k: v for k, v in changes.items() if k not in ("critic", "reward_scale", "method")}
+            dataclasses.replace(lora_policy.ppo_start_config(session), **changes, seed=2).validate()
     notebook_09 = BeyondPPOConfig(seed=0)
     notebook_09.validate()
     # the tests' own configs
@@ -459,8 +450,6 @@ def test_the_training_functions_refuse_a_bad_config_before_touching_anything(tmp
         sentiment.train_sentiment_classifier(tmp_path, ClassifierConfig(warmup_steps=0), progress=False)
     with pytest.raises(ValueError, match="dpo_steps=0"):
         beyond_ppo.train_dpo(None, None, None, BeyondPPOConfig(dpo_steps=0), tmp_path)
-    with pytest.raises(ValueError, match="gamma=2"):
-        tricks.notebook_experiments(gamma=2)
     assert list(tmp_path.iterdir()) == []
 
 

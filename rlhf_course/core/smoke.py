@@ -25,8 +25,6 @@ CONFIG_SIZES: dict[str, dict] = {
                                  held_out_every=2),
     # PPO on the gpt2-imdb stand-in (notebooks 07, 08, 09)
     "PPOConfig": dict(steps=2, batch_size=8, mini_batch_size=4, forward_batch_size=8, ppo_epochs=1),
-    "TricksConfig": dict(long_run_steps=2, long_run_batch_size=8, long_run_mini_batch_size=4,
-                         long_run_forward_batch_size=8),
     # DPO / RLOO / GRPO (notebook 09)
     "BeyondPPOConfig": dict(dpo_steps=2, dpo_batch_size=4),
 }

@@ -302,11 +302,11 @@ def load_smollm2_sft_policy(device: torch.device | str = "cpu"):
 
 
 def load_ppo_sft_policy(device: torch.device | str = "cpu", profile=None):
-    """``(model, tokenizer)``: the SFT policy that PPO starts from in notebooks 06-07, by profile.
+    """``(model, tokenizer)``: the SFT policy that PPO starts from in notebooks 06-09, by profile.
 
     laptop: SmolLM2-135M-Instruct with the review SFT adapter merged (asset "sft-smollm2-lora");
-    full: the seed's ``lvwerra/gpt2-imdb`` (``policy.sft.load_sft_policy``).  Notebooks 08-09 still use
-    ``policy.sft``'s laptop policy, the 7.2M GPT-2 trained from scratch, until they move (issue 15).
+    full: the seed's ``lvwerra/gpt2-imdb`` (``policy.sft.load_sft_policy``).  ``policy.sft``'s laptop policy,
+    the 7.2M GPT-2 trained from scratch, remains for notebook 09's first TRL runs (9.2-9.4).
     """
     from rlhf_course.core.profiles import current_profile
     from rlhf_course.policy.sft import load_sft_policy
