@@ -95,7 +95,7 @@ SWEEPS = {
         "tricks", "08_ppo_tricks_sweep.csv", {
             "base": {},
             "no_advantage_whitening": {"whiten_advantages": False},  # [37 detail 7]
-            "reward_scaling": {"scale_rewards": True},  # [37 detail 5]
+            "reward_scaling": {"scale_rewards": True},  # [37, continuous-action detail 8][TRL0]
             "entropy_bonus": {"entropy_coef": 0.01},  # [37 detail 10]
             "tight_value_clip": {"cliprange_value": 0.02},  # 0.2 clipped 5.7% of value terms in sweep critic (shared)
             "no_value_clip": {"cliprange_value": float("inf")},
@@ -409,7 +409,7 @@ def pairwise_differences(frame, metric: str, arms: list[str] | None = None, step
 
     import pandas as pd
 
-    from rlhf_course.core.stats import student_t_quantile
+    from rlhf_course.core.stats import student_t_quantile, welch_df
 
     summary = arm_summary(frame, metric, step)
     summary = summary.loc[[arm for arm in (arms or summary.index) if arm in summary.index]]
@@ -417,7 +417,7 @@ def pairwise_differences(frame, metric: str, arms: list[str] | None = None, step
     for a, b in itertools.combinations(summary.sort_values("mean", ascending=False).index, 2):
         (n_a, se_a), (n_b, se_b) = summary.loc[a, ["seeds", "se"]], summary.loc[b, ["seeds", "se"]]
         se = (se_a ** 2 + se_b ** 2) ** 0.5
-        df = se ** 4 / (se_a ** 4 / (n_a - 1) + se_b ** 4 / (n_b - 1)) if min(n_a, n_b) > 1 and se > 0 else float("nan")
+        df = welch_df(se_a, n_a, se_b, n_b)
         t95 = student_t_quantile(0.975, df) if df == df else float("nan")
         difference = summary.loc[a, "mean"] - summary.loc[b, "mean"]
         rows.append({"higher": a, "lower": b, "difference": difference, "se": se, "difference_in_se": difference / se,
@@ -450,13 +450,22 @@ def effect_text(frame, arm: str, metric: str, label: str, baseline: str = "base"
     summary = arm_summary(frame[frame["arm"].isin([arm, baseline])], metric, baseline=baseline, last_steps=last_steps)
     if arm not in summary.index:
         raise ValueError(f"no {metric!r} rows for arm {arm!r}: arms with rows are {', '.join(summary.index)}")
+    from rlhf_course.core.stats import student_t_quantile, welch_df
+
     row, base = summary.loc[arm], summary.loc[baseline]
     shown = f"{row['mean']:.{digits}g}" + (f" [{row.ci95_low:.{digits}g}, {row.ci95_high:.{digits}g}]" if row.seeds > 1 else "")
     if row.seeds < 2 or base.seeds < 2:
         return f"{label} {shown} against {base['mean']:.{digits}g} for `{baseline}` (one seed: no interval yet)"
-    verdict = "beyond" if abs(row.difference_in_se) > 2 else "within"
+    df = welch_df(row.se, row.seeds, base.se, base.seeds)
+    size = abs(row.difference_in_se)
+    if df != df:  # neither arm spreads
+        verdict = "no spread in either arm"
+    elif size > (t95 := student_t_quantile(0.975, df)):
+        verdict = f"beyond Welch's 95% threshold of {t95:.1f}"
+    else:
+        verdict = f"beyond 2 s.e. but within Welch's 95% threshold of {t95:.1f}" if size > 2 else "within 2 s.e."
     return (f"{label} {shown} against {base['mean']:.{digits}g} for `{baseline}` ({row.difference:+.{digits}g}, "
-            f"{row.difference_in_se:+.1f} s.e., {verdict} 2 s.e.)")
+            f"{row.difference_in_se:+.1f} s.e., {verdict})")
 
 
 def _panel_grid(panels: int, panel_height: float):

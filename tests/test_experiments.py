@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rlhf_course import experiments
-from rlhf_course.core.stats import student_t_quantile
+from rlhf_course.core.stats import student_t_cdf, student_t_quantile, welch_df
 from rlhf_course.rl import lora_policy, ppo
 
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -106,6 +106,16 @@ def test_arm_summary_gives_t_intervals_and_differences_in_standard_errors(sweep,
 def test_loading_a_sweep_that_was_never_run_says_how_to_make_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="python -m rlhf_course.experiments"):
         experiments.load_sweep(tmp_path / "missing.csv")
+
+
+def test_student_t_cdf_and_welch_df():
+    assert student_t_cdf(0.0, 3) == pytest.approx(0.5)
+    assert student_t_cdf(4.303, 2) == pytest.approx(0.975, abs=1e-4)
+    assert student_t_cdf(-4.303, 2) == pytest.approx(0.025, abs=1e-4)
+    assert 2 * (1 - student_t_cdf(2.0, 2)) == pytest.approx(0.1835, abs=1e-3)  # 2 s.e. with 3 seeds: 18% by chance
+    assert welch_df(0.1, 3, 0.1, 3) == pytest.approx(4.0)  # equal spreads: the pooled n_a + n_b - 2
+    assert welch_df(0.1, 1, 0.1, 3) != welch_df(0.1, 1, 0.1, 3)  # one sample: NaN
+    assert welch_df(0.0, 3, 0.0, 3) != welch_df(0.0, 3, 0.0, 3)
 
 
 def test_student_t_quantiles():
@@ -280,8 +290,10 @@ def test_effect_text_states_the_difference_in_standard_errors_and_the_verdict():
     frame = training_rows({"base": [[1.0], [1.2], [0.8]], "far": [[3.0], [3.2], [2.8]], "near": [[1.1], [1.5], [0.7]],
                            "alone": [[5.0]]})
     far = experiments.effect_text(frame, "far", "train_loss", "loss")
-    assert far.startswith("loss 3 [") and "`base`" in far and "+2" in far and "beyond 2 s.e." in far
+    assert far.startswith("loss 3 [") and "`base`" in far and "+2" in far and "beyond Welch's 95% threshold of 2.8" in far
     assert "within 2 s.e." in experiments.effect_text(frame, "near", "train_loss", "loss")
+    frame = pd.concat([frame, training_rows({"mid": [[1.6], [1.2], [2.0]]})])  # +2.3 s.e., Welch df 2.9: t95 3.2
+    assert "beyond 2 s.e. but within Welch's 95% threshold of 3.2" in experiments.effect_text(frame, "mid", "train_loss", "loss")
     assert "one seed" in experiments.effect_text(frame, "alone", "train_loss", "loss")
     with pytest.raises(ValueError, match="no 'train_loss' rows for arm 'missing'"):
         experiments.effect_text(frame, "missing", "train_loss", "loss")

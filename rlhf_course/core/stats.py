@@ -56,7 +56,7 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
 
 
 class RunningMoments:
-    """Running mean / std of the scores (Chan et al. parallel update), for reward scaling [37 detail 5]."""
+    """Running mean / std of the scores (Chan et al. parallel update), for reward scaling (TRL 0.x's use_score_scaling)."""
 
     def __init__(self):
         self.mean, self.var, self.count = 0.0, 1.0, 1e-4
@@ -73,30 +73,45 @@ class RunningMoments:
         return math.sqrt(max(self.var, 1e-8))
 
 
-def student_t_quantile(probability: float, df: float) -> float:
-    """The ``probability`` quantile of Student's t with ``df`` degrees of freedom (for 95% intervals over a
-    few seeds: 4.30 for 3 seeds, 1.96 as df grows), by bisection on its CDF, integrated with Simpson's rule
+def student_t_cdf(x: float, df: float, intervals: int = 2000) -> float:
+    """P(T <= x) for Student's t with ``df`` degrees of freedom: its density integrated with Simpson's rule
     (SciPy is not a dependency of the course)."""
     import math
 
-    if not 0 < probability < 1 or df <= 0:
-        raise ValueError(f"need 0 < probability < 1 and df > 0, got {probability} and {df}")
+    if df <= 0:
+        raise ValueError(f"need df > 0, got {df}")
+    if x < 0:
+        return 1.0 - student_t_cdf(-x, df, intervals)
     log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
 
-    def density(x: float) -> float:
-        return math.exp(log_norm - (df + 1) / 2 * math.log1p(x * x / df))
+    def density(t: float) -> float:
+        return math.exp(log_norm - (df + 1) / 2 * math.log1p(t * t / df))
 
-    def cdf(x: float, intervals: int = 2000) -> float:  # symmetric: 0.5 + integral from 0 to x
-        h = x / intervals
-        inner = sum((4 if i % 2 else 2) * density(i * h) for i in range(1, intervals))
-        return 0.5 + h / 3 * (density(0.0) + inner + density(x))
+    h = x / intervals  # symmetric: 0.5 + the integral from 0 to x
+    inner = sum((4 if i % 2 else 2) * density(i * h) for i in range(1, intervals))
+    return 0.5 + h / 3 * (density(0.0) + inner + density(x))
 
+
+def student_t_quantile(probability: float, df: float) -> float:
+    """The ``probability`` quantile of Student's t with ``df`` degrees of freedom (for 95% intervals over a
+    few seeds: 4.30 for 3 seeds, 1.96 as df grows), by bisection on ``student_t_cdf``."""
+    if not 0 < probability < 1 or df <= 0:
+        raise ValueError(f"need 0 < probability < 1 and df > 0, got {probability} and {df}")
     if probability < 0.5:
         return -student_t_quantile(1 - probability, df)
     low, high = 0.0, 1.0
-    while cdf(high) < probability:
+    while student_t_cdf(high, df) < probability:
         high *= 2
     for _ in range(50):
         middle = (low + high) / 2
-        low, high = (middle, high) if cdf(middle) < probability else (low, middle)
+        low, high = (middle, high) if student_t_cdf(middle, df) < probability else (low, middle)
     return (low + high) / 2
+
+
+def welch_df(se_a: float, n_a: int, se_b: float, n_b: int) -> float:
+    """Welch-Satterthwaite degrees of freedom of a difference of two means with standard errors ``se_a``,
+    ``se_b`` over ``n_a``, ``n_b`` samples (Welch 1947); NaN where a side has one sample or neither spreads."""
+    se_sq = se_a ** 2 + se_b ** 2
+    if min(n_a, n_b) < 2 or not se_sq > 0:
+        return float("nan")
+    return se_sq ** 2 / (se_a ** 4 / (n_a - 1) + se_b ** 4 / (n_b - 1))

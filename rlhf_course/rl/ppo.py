@@ -142,7 +142,7 @@ class PPOConfig(ProfileConfig):
     kl_horizon: int = field(default=10000, metadata={"help": "horizon of the adaptive KL controller  [Ziegler]"})
     whiten_advantages: bool = field(default=True, metadata={"help": "normalise advantages per batch  [37 detail 7]"})
     scale_rewards: bool = field(default=False, metadata={
-        "help": "divide scores by their running std  [37 detail 5][TRL0 use_score_scaling]"})
+        "help": "divide scores by their running std  [TRL0 use_score_scaling]; [37 cont. detail 8] divides by the std of a discounted return"})
     seed: int = field(default=0, metadata={"help": "seed of the query order, the sampling and the value head"})
 
     def validate(self) -> None:
@@ -380,7 +380,7 @@ def make_experience(policy: PolicyWithValueHead, reference: nn.Module, tokenizer
         raise ValueError(f"reward_fn returned shape {tuple(raw_scores.shape)}; expected one score per text ({len(queries)})")
     check_finite("the reward", raw_scores, texts)
     scores = raw_scores
-    if score_moments is not None:  # [37 detail 5] reward scaling: divide by the running std, keep the mean
+    if score_moments is not None:  # [TRL0] reward scaling: divide by the running std, keep the mean
         score_moments.update(distributed.gather(raw_scores, accelerator))
         scores = raw_scores / score_moments.std
     logprobs, ref_logprobs, values = [], [], []

@@ -5,7 +5,8 @@ The sweeps themselves (``tricks``, ``critic_growth``, ``overoptimisation``) are
 
 * ``ScaledReward``: the reward model's scores times a constant, the same preferences on a larger
   logit scale.  Sweep ``critic_growth`` trains on it to look for the critic loss that grows over a
-  run [DSChat], and tries its two fixes, reward scaling [37 detail 5] and a discount gamma < 1.
+  run [DSChat], and tries its two fixes, reward scaling (TRL 0.x's ``use_score_scaling``; [37]'s
+  continuous-action detail 8 divides by the std of a discounted return instead) and a discount gamma < 1.
 * ``repetition_stats`` and ``top_words``: how varied a set of responses is (distinct-2 after Li et
   al. 2016) and the words it uses most, which show a policy that drifts far from its reference
   repeating the few strings the reward model likes best [Ziegler][Gao].
