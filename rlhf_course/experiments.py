@@ -43,6 +43,14 @@ HISTORY_METRICS = ("reward_mean", "kl", "value_loss", "return_mean", "return_var
 SAMPLE_COLUMNS = ("sweep", "arm", "seed", "step", "query", "response", "proxy", "gold", "kl", "length", "profile")
 
 
+NON_PPO_KEYS = ("critic", "reward_scale", "method")  # arm keys that pick a layout, a reward or a method, not PPOConfig fields
+
+
+def ppo_changes(changes: dict) -> dict:
+    """The ``PPOConfig`` fields an arm of ``SWEEPS`` changes (its other keys: ``NON_PPO_KEYS``)."""
+    return {key: value for key, value in changes.items() if key not in NON_PPO_KEYS}
+
+
 def columns_for(arm_column: str, columns: tuple[str, ...] = CSV_COLUMNS) -> tuple[str, ...]:
     """``columns`` with the arm's column named ``arm_column`` (sweep "methods" writes ``method``)."""
     return tuple(arm_column if column == "arm" else column for column in columns)
@@ -144,11 +152,10 @@ def run_rows(sweep: Sweep, arm: str, seed: int, profile: str = "laptop", device:
     from rlhf_course.policy.judge import GoldJudge
     from rlhf_course.rl import lora_policy, ppo
 
-    changes = dict(sweep.arms[arm])
+    changes = sweep.arms[arm]
     if "method" in changes:
         return method_rows(sweep, arm, seed, profile, device, progress, samples, steps, heldout)
-    critic = changes.pop("critic", "shared")
-    reward_scale = changes.pop("reward_scale", 1.0)
+    critic, reward_scale = changes.get("critic", "shared"), changes.get("reward_scale", 1.0)
     if profile == "laptop":
         policy, reference, tokenizer = lora_policy.load_smollm2_policy_and_reference(device, critic=critic)
     elif critic == "shared":
@@ -157,7 +164,7 @@ def run_rows(sweep: Sweep, arm: str, seed: int, profile: str = "laptop", device:
         raise ValueError(f"arm {arm!r}: a separate critic is built for the laptop's LoRA policy only")
     config = lora_policy.ppo_start_config(profile)
     steps = steps or sweep.steps or config.steps
-    config = dataclasses.replace(config, **changes, steps=steps, seed=seed)
+    config = dataclasses.replace(config, **ppo_changes(changes), steps=steps, seed=seed)
     config.validate()
     reward_fn, judge = sentiment.sentiment_reward(device), GoldJudge()
     return ppo_rows(sweep, config, policy, reference, tokenizer, reward_fn, judge, reward_scale, progress, heldout,
@@ -443,24 +450,32 @@ def arm_table(frame, metrics: dict[str, str], step: int | None = None, baseline:
     return pd.DataFrame(table, index=summary.index)
 
 
+def welch_test(row, base) -> tuple[float, float]:
+    """``(degrees of freedom, 95% threshold in standard errors)`` of Welch's t-test for the difference of two rows
+    of ``arm_summary`` (Welch 1947); both NaN where a row has one seed or neither spreads."""
+    from rlhf_course.core.stats import student_t_quantile, welch_df
+
+    df = welch_df(row["se"], row["seeds"], base["se"], base["seeds"])
+    return df, (student_t_quantile(0.975, df) if df == df else float("nan"))
+
+
 def effect_text(frame, arm: str, metric: str, label: str, baseline: str = "base", last_steps: int = 1,
                 digits: int = 3) -> str:
     """One line for a notebook's conclusion: ``arm``'s mean of ``metric`` with its 95% interval, the baseline's
-    mean, the difference and how many standard errors it is (``arm_summary``), and whether that is beyond 2."""
+    mean, the difference and how many standard errors it is (``arm_summary``), and whether that passes 2 s.e. and
+    Welch's 95% threshold (``welch_test``)."""
     summary = arm_summary(frame[frame["arm"].isin([arm, baseline])], metric, baseline=baseline, last_steps=last_steps)
     if arm not in summary.index:
         raise ValueError(f"no {metric!r} rows for arm {arm!r}: arms with rows are {', '.join(summary.index)}")
-    from rlhf_course.core.stats import student_t_quantile, welch_df
-
     row, base = summary.loc[arm], summary.loc[baseline]
     shown = f"{row['mean']:.{digits}g}" + (f" [{row.ci95_low:.{digits}g}, {row.ci95_high:.{digits}g}]" if row.seeds > 1 else "")
     if row.seeds < 2 or base.seeds < 2:
         return f"{label} {shown} against {base['mean']:.{digits}g} for `{baseline}` (one seed: no interval yet)"
-    df = welch_df(row.se, row.seeds, base.se, base.seeds)
+    df, t95 = welch_test(row, base)
     size = abs(row.difference_in_se)
     if df != df:  # neither arm spreads
         verdict = "no spread in either arm"
-    elif size > (t95 := student_t_quantile(0.975, df)):
+    elif size > t95:
         verdict = f"beyond Welch's 95% threshold of {t95:.1f}"
     else:
         verdict = f"beyond 2 s.e. but within Welch's 95% threshold of {t95:.1f}" if size > 2 else "within 2 s.e."

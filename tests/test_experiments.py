@@ -292,6 +292,8 @@ def test_effect_text_states_the_difference_in_standard_errors_and_the_verdict():
     far = experiments.effect_text(frame, "far", "train_loss", "loss")
     assert far.startswith("loss 3 [") and "`base`" in far and "+2" in far and "beyond Welch's 95% threshold of 2.8" in far
     assert "within 2 s.e." in experiments.effect_text(frame, "near", "train_loss", "loss")
+    df, t95 = experiments.welch_test(*(experiments.arm_summary(frame, "train_loss").loc[a] for a in ("far", "base")))
+    assert df == pytest.approx(4.0) and t95 == pytest.approx(2.776, abs=1e-3)
     frame = pd.concat([frame, training_rows({"mid": [[1.6], [1.2], [2.0]]})])  # +2.3 s.e., Welch df 2.9: t95 3.2
     assert "beyond 2 s.e. but within Welch's 95% threshold of 3.2" in experiments.effect_text(frame, "mid", "train_loss", "loss")
     assert "one seed" in experiments.effect_text(frame, "alone", "train_loss", "loss")

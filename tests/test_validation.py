@@ -198,8 +198,7 @@ def test_every_config_the_course_builds_today_validates(profile, monkeypatch, tm
 
     for sweep in experiments.SWEEPS.values():  # 07-09: every arm of every sweep, as run_rows builds it
         for changes in sweep.arms.values():
-            changes = {k: v for k, v in changes.items() if k not in ("critic", "reward_scale", "method")}
-            dataclasses.replace(lora_policy.ppo_start_config(session), **changes, seed=2).validate()
+            dataclasses.replace(lora_policy.ppo_start_config(session), **experiments.ppo_changes(changes), seed=2).validate()
     notebook_09 = BeyondPPOConfig(seed=0)
     notebook_09.validate()
     # the tests' own configs
