@@ -128,6 +128,15 @@ SWEEPS = {
         {f"beta_{beta:g}": {"init_kl_coef": beta} for beta in (0.0, 0.02, 0.05, 0.1)}, steps=60,
         about="proxy and gold reward against sqrt(KL) over long runs at several beta (Gao et al. 2023; issue 15)",
         samples_every_eval=True),
+    "recipe": Sweep(
+        "recipe", "07_recipe.csv", {
+            "fake_eos": {"fake_eos": True},  # 08's fake_eos arm, run 10 steps longer
+            "fake_eos+lr_decay": {"fake_eos": True, "lr_schedule": "linear"},  # [37 detail 4]: lr to 0 over the run
+            "fake_eos+lr_decay+beta_0.05": {"fake_eos": True, "lr_schedule": "linear", "init_kl_coef": 0.05},
+            "fake_eos+lr_decay+beta_0.07": {"fake_eos": True, "lr_schedule": "linear", "init_kl_coef": 0.07},
+        }, steps=35,
+        about="notebook 07's recipe with fake EOS (08's best arm on the gold judge) over 35 steps, with and without "
+              "a learning rate decayed to 0: toward a proxy gain >= 1.5 at KL <= 10 nats (issue 14)"),
     "methods": Sweep(
         "methods", "09_beyond_ppo.csv", {method: {"method": method} for method in METHODS}, arm_column="method",
         about="DPO (on-policy pairs), RLOO and GRPO through TRL against the course's PPO (the tricks sweep's base arm) "

@@ -100,7 +100,7 @@ class PPOScriptArgs:
         "help": "laptop (small SFT policy, packaged reviews, CPU) or full (gpt2-imdb, IMDB, GPU)"})
     policy: str | None = field(default=None, metadata={
         "help": f"a causal LM folder, or {SMOLLM2_LORA} (SmolLM2-135M SFT + LoRA; its laptop settings: "
-                "rlhf_course.rl.lora_policy.SMOLLM2_PPO_OVERRIDES; policy/ then holds the adapter) "
+                "notebook 07's, rlhf_course.rl.lora_policy.notebook_07_config; policy/ then holds the adapter) "
                 "(default: the profile's SFT policy)"})
     reward: str = field(default="sentiment", metadata={
         "help": "sentiment: the profile's classifier; length: a free stand-in for tests", "choices": REWARDS})
@@ -127,12 +127,14 @@ class PPOScriptArgs:
 
 
 def with_lora_recipe(config: ppo.PPOConfig, profile: str) -> ppo.PPOConfig:
-    """``config`` with the SmolLM2 LoRA recipe (``lora_policy.SMOLLM2_PPO_OVERRIDES``) on every field the
-    command line left at the profile's value: ``--policy smollm2-lora --steps 5`` keeps its 5 steps."""
-    from rlhf_course.rl.lora_policy import SMOLLM2_PPO_OVERRIDES
+    """``config`` with notebook 07's SmolLM2 LoRA recipe (``lora_policy.SMOLLM2_PPO_OVERRIDES`` and
+    ``NOTEBOOK_07_CHANGES``) on every field the command line left at the profile's value:
+    ``--policy smollm2-lora --steps 5`` keeps its 5 steps."""
+    from rlhf_course.rl.lora_policy import NOTEBOOK_07_CHANGES, SMOLLM2_PPO_OVERRIDES
 
     profile_values = ppo.PPOConfig.for_profile(profile)
-    config = dataclasses.replace(config, **{name: value for name, value in SMOLLM2_PPO_OVERRIDES.items()
+    recipe = {**SMOLLM2_PPO_OVERRIDES, **NOTEBOOK_07_CHANGES}
+    config = dataclasses.replace(config, **{name: value for name, value in recipe.items()
                                             if getattr(config, name) == getattr(profile_values, name)})
     config.validate()
     return config

@@ -181,3 +181,7 @@ def test_train_ppo_with_the_smollm2_lora_policy_takes_its_recipe_unless_a_flag_s
     assert config.steps == 5  # given on the command line
     assert config.learning_rate == SMOLLM2_PPO_OVERRIDES["learning_rate"]
     assert config.batch_size == SMOLLM2_PPO_OVERRIDES["batch_size"]
+    # notebook 07's changes to the base recipe come with it, unless a flag says otherwise
+    assert config.fake_eos and config.lr_schedule == "linear"
+    _, config = train_ppo.parse_ppo_args(["--output-dir", str(tmp_path), "--policy", "smollm2-lora", "--init-kl-coef", "0.3"])
+    assert train_ppo.with_lora_recipe(config, "laptop").init_kl_coef == 0.3

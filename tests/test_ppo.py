@@ -267,3 +267,20 @@ def test_a_non_finite_or_huge_reward_stops_ppo_before_any_weight_changes(tokeniz
         ppo.train_ppo(config, policy, reference, tokenizer, bad_reward, queries, progress=False)
     assert "episode 0:" in str(error.value)  # the offending text is shown
     assert all(torch.equal(b, p) for b, p in zip(before, policy.parameters()))
+
+
+def test_ppo_step_benchmark_samples_the_sgemm_rate_between_steps(capsys):
+    # Issue 14: a machine's sgemm rate drifted by a quarter within one run, so the yardstick is sampled
+    # before, between and after the timed steps (3 samples for 2 steps) and its range is reported.
+    import json
+
+    from rlhf_course.course import benchmarks
+
+    benchmarks.benchmark_ppo_step(["--model", "tiny", "--batch", "4", "--steps", "2", "--threads", "1", "--json"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    figures = json.loads(lines[-1])
+    low, high = figures["sgemm_gflops_range"]
+    assert 0 < low <= figures["sgemm_gflops"] <= high
+    assert "mean of 3 samples before, between and after the steps" in "\n".join(lines)
+    assert figures["timed_steps"] == 1 and 0 < figures["step_mfu"] and figures["seconds_per_step"] > 0
+    assert set(figures["phases"]) == {"generate", "score", "policy forward", "reference forward", "update"}

@@ -269,6 +269,19 @@ def test_ppo_start_config_is_the_lora_recipe_on_the_laptop_and_the_seeds_values_
     assert full.learning_rate == ppo.PPOConfig().learning_rate and full.batch_size == ppo.PPOConfig().batch_size
 
 
+def test_notebook_07_recipe_is_the_base_recipe_with_its_changes_and_the_logged_recipe_arm():
+    # Notebook 07 checks its run against the logged run of sweep `recipe`: that arm must be 07's recipe exactly.
+    from rlhf_course import experiments
+
+    base, recipe = lora_policy.ppo_start_config("laptop"), lora_policy.notebook_07_config("laptop")
+    changed = {name for name in ppo.PPOConfig.__dataclass_fields__ if getattr(base, name) != getattr(recipe, name)}
+    assert changed == set(lora_policy.NOTEBOOK_07_CHANGES)
+    sweep = experiments.SWEEPS["recipe"]
+    arm = {**experiments.ppo_changes(sweep.arms[lora_policy.NOTEBOOK_07_ARM]), "steps": sweep.steps}
+    assert arm == lora_policy.NOTEBOOK_07_CHANGES
+    assert lora_policy.notebook_07_config("full") == lora_policy.ppo_start_config("full")  # the seed's recipe in full
+
+
 def test_a_saved_lora_ppo_policy_reloads_onto_the_sft_policy(tmp_path, monkeypatch, tokenizer):
     monkeypatch.setattr(smollm2_sft, "load_smollm2_sft_policy", lambda device="cpu": (tiny_llama(), tokenizer))
     policy, _ = lora_policy.lora_policy_and_reference(tiny_llama())

@@ -188,6 +188,12 @@ class _PhaseClock:
         return {"seconds": {clock: dict(v) for clock, v in self.seconds.items()}, "tokens": dict(self.tokens),
                 "episodes": self.episodes}
 
+    def pause(self, work):
+        """Run ``work()`` between two steps without counting its time in any phase; return its result."""
+        result = work()
+        self._step_started = self._now()
+        return result
+
 
 def _sgemm_rates(n: int = 2048, repeats: int = 3) -> tuple[float, float]:
     """``(wall, CPU)`` GFLOP/s of ``torch.mm`` on n x n float32 at the current thread count: best of
@@ -212,7 +218,8 @@ def benchmark_ppo_step(argv: list[str]) -> None:
     parameters without adapter or value head (LoRA or not: a LoRA backward computes no weight gradients
     for the frozen layers, so its true cost is nearer 4N and its update MFU is overstated up to 1.5x);
     generation counts the B (Q + R - 1) tokens its cached passes feed.  The yardstick is a ``torch.mm`` of
-    2048 x 2048 float32 matrices at the run's thread count, measured before and after the steps (mean).
+    2048 x 2048 float32 matrices at the run's thread count, sampled before, between and after the steps
+    (mean of the samples, their range printed): a shared machine's rate drifts by a quarter within one run.
     Each MFU is given twice: by wall time, and by process CPU time against sgemm's CPU rate, which a
     busy machine distorts less (with ``--threads 1``).  ``--json`` ends with one line of JSON.
     """
@@ -254,15 +261,20 @@ def benchmark_ppo_step(argv: list[str]) -> None:
     else:
         policy, reference = PolicyWithValueHead(lm), frozen_reference(lm)
     n_parameters = sum(p.numel() for name, p in lm.named_parameters() if "lora_" not in name)
-    sgemm_before = _sgemm_rates()
+    sgemm_samples = [_sgemm_rates()]
     clock = _PhaseClock()
     clock.watch(policy, "policy forward", grad_phase="update")
     clock.watch(reference, "reference forward")
     snapshots = []
+
+    def between_steps(step, metrics, history):
+        snapshots.append(clock.end_step())
+        sgemm_samples.append(clock.pause(_sgemm_rates))
+
     history = train_ppo(config, policy, reference, tokenizer, clock.reward(reward_fn), queries, progress=False,
-                        device=device, callback=lambda step, metrics, history: snapshots.append(clock.end_step()))
-    sgemm_after = _sgemm_rates()
-    sgemm = {"wall": (sgemm_before[0] + sgemm_after[0]) / 2, "cpu": (sgemm_before[1] + sgemm_after[1]) / 2}
+                        device=device, callback=between_steps)
+    walls, cpus = [rate[0] for rate in sgemm_samples], [rate[1] for rate in sgemm_samples]
+    sgemm = {"wall": sum(walls) / len(walls), "cpu": sum(cpus) / len(cpus)}
     warm = len(history) > 1
     first = snapshots[0] if warm else {"seconds": {c: dict.fromkeys(clock.PHASES, 0.0) for c in ("wall", "cpu")},
                                        "tokens": dict.fromkeys(clock.PHASES, 0), "episodes": 0}
@@ -284,7 +296,8 @@ def benchmark_ppo_step(argv: list[str]) -> None:
     print(f"batch {batch} episodes, mini-batch {config.mini_batch_size}, {config.ppo_epochs} PPO epochs, "
           f"reward '{args.reward}', responses {config.response_min_tokens}-{config.response_max_tokens - 1} tokens")
     print(f"sgemm (2048^3 float32, {torch.get_num_threads()} threads): {sgemm['wall']:.1f} GFLOP/s by wall time "
-          f"(before {sgemm_before[0]:.1f}, after {sgemm_after[0]:.1f}), {sgemm['cpu']:.1f} GFLOP/s per CPU second")
+          f"(mean of {len(walls)} samples before, between and after the steps, range {min(walls):.1f}-{max(walls):.1f}), "
+          f"{sgemm['cpu']:.1f} GFLOP/s per CPU second")
     print(f"{'phase':18s} {'wall s':>7s} {'share':>6s} {'CPU s':>7s} {'GFLOP':>8s} {'MFU':>6s} {'MFU(CPU)':>9s}")
     for name in clock.PHASES:
         wall, cpu = seconds["wall"][name], seconds["cpu"][name]
@@ -301,6 +314,7 @@ def benchmark_ppo_step(argv: list[str]) -> None:
         print(json.dumps({
             "generate_mfu": round(mfu(flops["generate"], seconds["wall"]["generate"], "wall"), 4),
             "step_mfu": round(mfu(total, step["wall"], "wall"), 4), "sgemm_gflops": round(sgemm["wall"], 2),
+            "sgemm_gflops_range": [round(min(walls), 2), round(max(walls), 2)],
             "seconds_per_step": round(step["wall"], 3), "cpu_seconds_per_step": round(step["cpu"], 3),
             "generate_mfu_cpu": round(mfu(flops["generate"], seconds["cpu"]["generate"], "cpu"), 4),
             "step_mfu_cpu": round(mfu(total, step["cpu"], "cpu"), 4), "sgemm_gflops_cpu": round(sgemm["cpu"], 2),

@@ -24,9 +24,11 @@ module; this file builds both for a LoRA actor, without touching the PPO code:
   every step on a CPU, where the update already dominates; sweep ``critic`` of
   ``rlhf_course.experiments`` measures the cost and the effect of both (notebook 07, section 7.7b).
 
-``SMOLLM2_PPO_OVERRIDES`` are the laptop settings found by the short sweep of issue 14 (notebook 07);
-``heldout_evaluation`` measures what that sweep reports: proxy reward, the gold judge (VADER, never
-trained against), KL to the reference per response and distinct-2, on held-out queries.
+``SMOLLM2_PPO_OVERRIDES`` are the laptop's *base recipe*, found by the short sweep of issue 14: every sweep of
+``rlhf_course.experiments`` changes it one arm at a time (notebooks 08, 09).  Notebook 07 trains the base recipe
+with ``NOTEBOOK_07_CHANGES`` (``notebook_07_config``), which sweep ``recipe`` chose.  ``heldout_evaluation``
+measures what the sweeps report: proxy reward, the gold judge (VADER, never trained against), KL to the
+reference per response and distinct-2, on held-out queries.
 """
 
 from __future__ import annotations
@@ -57,9 +59,18 @@ SMOLLM2_PPO_OVERRIDES = dict(
 )
 
 
+# Notebook 07's recipe: the base recipe with the changes of sweep ``recipe``'s arm NOTEBOOK_07_ARM (notebook 07,
+# section 7.7c, where its seeds are shown): a response cut at its budget still ends in EOS (OpenRLHF; 08's arm
+# fake_eos), the learning rate decays linearly to 0 ([37 detail 4]; 08's arm lr_decay: KL -3.8 s.e.), and with
+# the drift those two take away, a weaker beta over 10 more steps spends the KL budget on reward.  The sweeps
+# keep the base recipe, so that their logged runs stay comparable.
+NOTEBOOK_07_CHANGES = dict(steps=35, fake_eos=True, lr_schedule="linear", init_kl_coef=0.07)
+NOTEBOOK_07_ARM = "fake_eos+lr_decay+beta_0.07"  # its arm in sweep ``recipe`` (whose runs are 35 steps long)
+
+
 def smollm2_ppo_config(profile: Profile | str | None = "laptop", **overrides) -> PPOConfig:
     """``PPOConfig`` for PPO on the SmolLM2 LoRA policy: the profile's values, then
-    ``SMOLLM2_PPO_OVERRIDES``, then ``overrides``."""
+    ``SMOLLM2_PPO_OVERRIDES`` (the base recipe), then ``overrides``."""
     return PPOConfig.for_profile(profile, **{**SMOLLM2_PPO_OVERRIDES, **overrides})
 
 
@@ -160,7 +171,7 @@ def load_ppo_start(profile: Profile | str | None = None, device: torch.device | 
     for every flag left at its profile value (``train_ppo.with_lora_recipe``).
 
     laptop: the SmolLM2-135M SFT policy with a fresh PPO LoRA adapter, the reference being the adapter
-    switched off, and ``smollm2_ppo_config``; full: the seed's ``lvwerra/gpt2-imdb`` fine-tuned in full,
+    switched off, and ``notebook_07_config``; full: the seed's ``lvwerra/gpt2-imdb`` fine-tuned in full,
     a frozen copy as reference, and ``PPOConfig``'s seed values (TRL 0.x ``gpt2-sentiment``).
     """
     from rlhf_course.core.profiles import current_profile
@@ -168,15 +179,24 @@ def load_ppo_start(profile: Profile | str | None = None, device: torch.device | 
 
     profile = Profile(str(profile)) if profile is not None else current_profile()
     start = load_smollm2_policy_and_reference(device) if profile.is_laptop else load_policy_and_reference(device)
-    return (*start, ppo_start_config(profile))
+    return (*start, notebook_07_config(profile))
 
 
 def ppo_start_config(profile: Profile | str | None = None) -> PPOConfig:
-    """The ``PPOConfig`` of ``load_ppo_start``: ``smollm2_ppo_config`` on the laptop, the seed's values in full."""
+    """The base recipe the sweeps start from: ``smollm2_ppo_config`` on the laptop, the seed's values in full."""
     from rlhf_course.core.profiles import current_profile
 
     profile = Profile(str(profile)) if profile is not None else current_profile()
     return smollm2_ppo_config(profile) if profile.is_laptop else PPOConfig.for_profile(profile)
+
+
+def notebook_07_config(profile: Profile | str | None = None) -> PPOConfig:
+    """The ``PPOConfig`` of ``load_ppo_start`` (notebook 07): on the laptop the base recipe with
+    ``NOTEBOOK_07_CHANGES``; in full the seed's values (its adaptive KL controller and 194 steps)."""
+    from rlhf_course.core.profiles import current_profile
+
+    profile = Profile(str(profile)) if profile is not None else current_profile()
+    return smollm2_ppo_config(profile, **NOTEBOOK_07_CHANGES) if profile.is_laptop else PPOConfig.for_profile(profile)
 
 
 def load_lora_ppo_policy(folder, device: torch.device | str = "cpu") -> PolicyWithValueHead:
