@@ -2,6 +2,7 @@
 with SmolLM2's tokenizer, the gold judge.  Tiny random Llama models with SmolLM2's vocabulary stand in
 for the 135M model, so the file runs in seconds."""
 
+import dataclasses
 import json
 import random
 
@@ -257,6 +258,23 @@ def test_heldout_evaluation_reports_proxy_gold_kl_and_diversity(tokenizer):
                                             config, reference=reference, batch_size=4)
     assert len(result["frame"]) == 6 and result["kl"] == pytest.approx(0.0, abs=1e-4)
     assert 0 <= result["distinct_2"] <= 1 and result["proxy"] > 0
+
+
+def test_evaluations_measure_the_policys_own_text_whatever_the_rollout_setting(tokenizer):
+    # Notebook 07 trains with fake_eos (a rollout setting) and evaluates with its config: a response cut at its budget
+    # must stay as the policy wrote it there (with fake EOS its last token would be EOS, scored and counted in KL).
+    policy, reference = lora_policy.lora_policy_and_reference(tiny_llama(layers=1))
+    config = config_for_tests()
+    _, eval_queries = sampling.train_and_eval_queries(tokenizer, config, n_eval=6)
+    results = [lora_policy.heldout_evaluation(policy.lm, tokenizer, length_reward, judge.GoldJudge(), eval_queries,
+                                              dataclasses.replace(config, fake_eos=fake), reference=reference,
+                                              batch_size=4, seed=3)["frame"] for fake in (False, True)]
+    assert results[0].response.tolist() == results[1].response.tolist()
+    assert results[0].ended.tolist() == results[1].ended.tolist() and not results[0].ended.all()  # some were cut
+    assert results[0].kl.tolist() == results[1].kl.tolist()
+    tables = [sampling.sample_and_score(policy.lm, tokenizer, length_reward, eval_queries, dataclasses.replace(
+        config, fake_eos=fake), seed=3) for fake in (False, True)]
+    assert tables[0].response.tolist() == tables[1].response.tolist()
 
 
 # ----------------------------------------------------------------------------- the profile's starting point, save / reload

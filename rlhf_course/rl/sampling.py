@@ -7,6 +7,8 @@ Here the responses of a whole batch are sampled at once, with left padding and a
 
 from __future__ import annotations
 
+import dataclasses
+
 import random
 import weakref
 from contextlib import contextmanager
@@ -317,9 +319,11 @@ def with_fake_eos(response_ids: torch.Tensor, response_mask: torch.Tensor, eos_i
 @torch.no_grad()
 def sample_and_score(lm, tokenizer, reward_fn: RewardFn, queries: list[list[int]], config: PPOConfig,
                      seed: int = 0, device="cpu"):
-    """Responses to ``queries`` with their rewards, as a pandas DataFrame (for before/after tables)."""
+    """Responses to ``queries`` with their rewards, as a pandas DataFrame (for before/after tables): as the
+    policy writes them, so ``config.fake_eos`` (a training rollout setting) is ignored."""
     import pandas as pd
 
+    config = dataclasses.replace(config, fake_eos=False)
     torch.manual_seed(seed)
     query_ids, query_mask, response_ids, response_mask = generate_batch(lm, queries, tokenizer, config, random.Random(seed), device)
     query_texts = tokenizer.batch_decode(query_ids.masked_fill(query_mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
