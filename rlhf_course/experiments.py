@@ -114,7 +114,7 @@ SWEEPS = {
             "fake_eos": {"fake_eos": True},  # a response cut at its budget ends in EOS anyway (OpenRLHF)
             "beta_0": {"init_kl_coef": 0.0},
         },
-        about="the PPO tricks of notebook 08, one change each to the recipe of notebook 07 (issue 15)"),
+        about="the PPO tricks of notebook 08, one change each to the base recipe of notebook 07 (issue 15)"),
     "critic_growth": Sweep(
         "critic_growth", "08_critic_growth.csv", {
             "scaled_rm": {"reward_scale": 5.0},
@@ -135,8 +135,8 @@ SWEEPS = {
             "fake_eos+lr_decay+beta_0.05": {"fake_eos": True, "lr_schedule": "linear", "init_kl_coef": 0.05},
             "fake_eos+lr_decay+beta_0.07": {"fake_eos": True, "lr_schedule": "linear", "init_kl_coef": 0.07},
         }, steps=35,
-        about="notebook 07's recipe with fake EOS (08's best arm on the gold judge) over 35 steps, with and without "
-              "a learning rate decayed to 0: toward a proxy gain >= 1.5 at KL <= 10 nats (issue 14)"),
+        about="notebook 07's base recipe with fake EOS (08's best arm on the gold judge) over 35 steps, then a learning "
+              "rate decayed to 0, then a weaker beta: toward a proxy gain >= 1.5 at KL <= 10 nats (issue 14)"),
     "methods": Sweep(
         "methods", "09_beyond_ppo.csv", {method: {"method": method} for method in METHODS}, arm_column="method",
         about="DPO (on-policy pairs), RLOO and GRPO through TRL against the course's PPO (the tricks sweep's base arm) "

@@ -8,7 +8,6 @@ Here the responses of a whole batch are sampled at once, with left padding and a
 from __future__ import annotations
 
 import dataclasses
-
 import random
 import weakref
 from contextlib import contextmanager
