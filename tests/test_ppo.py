@@ -89,6 +89,17 @@ def test_clipped_value_loss():
     assert clip_fraction.item() == pytest.approx(0.5)
 
 
+def test_value_clip_fraction_is_zero_without_a_clip_range():
+    # 08's no_value_clip arm logged a clip fraction of ~0.1%: V_old + (V - V_old) differs from V in the last bit,
+    # and the comparison of the two squared errors counted that rounding as a clip.
+    generator = torch.Generator().manual_seed(0)
+    old, new, returns = (torch.randn(64, 16, generator=generator) * 3 for _ in range(3))
+    _, no_clip = ppo.clipped_value_loss(new, old, returns, torch.ones(64, 16), float("inf"))
+    assert no_clip.item() == 0.0
+    _, wide = ppo.clipped_value_loss(old + 1e-3 * new, old, returns, torch.ones(64, 16), 0.2)  # inside the band
+    assert wide.item() == 0.0
+
+
 def test_masked_whiten():
     values = torch.tensor([[1.0, 2.0, 3.0, 1000.0], [4.0, 5.0, 0.0, -1000.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
