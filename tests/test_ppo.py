@@ -141,8 +141,12 @@ def test_generation_stops_at_eos_unless_forced(tokenizer):
     budgets = [sampling.length_sampler(4, 16, r) for r in [random.Random(0)] for _ in range(2)]
     assert mask.sum(1).tolist() == budgets
     assert not (response_ids[mask.bool()] == EOS).any()
-    faked = ppo.PPOConfig(batch_size=2, mini_batch_size=2, force_max_length=True, fake_eos=True)
-    _, _, faked_ids, faked_mask = sampling.generate_batch(lm, queries, tokenizer, faked, random.Random(0))
+    faked = ppo.PPOConfig(batch_size=2, mini_batch_size=2, forward_batch_size=2, force_max_length=True, fake_eos=True)
+    _, _, unfaked, _ = sampling.generate_batch(lm, queries, tokenizer, faked, random.Random(0))
+    assert torch.equal(unfaked, response_ids)  # the sampler writes the policy's own text; fake EOS is the rollout's
+    rollout = ppo.make_experience(ppo.PolicyWithValueHead(lm), ppo.frozen_reference(lm), tokenizer,
+                                  lambda texts: torch.zeros(len(texts)), queries, faked, kl_coef=0.1, rng=random.Random(0))
+    faked_ids, faked_mask = rollout.response_ids, rollout.response_mask
     assert torch.equal(faked_mask, mask)  # same lengths: the last kept token becomes EOS, nothing is added
     last = mask.sum(1) - 1
     assert faked_ids[torch.arange(2), last].tolist() == [EOS, EOS]

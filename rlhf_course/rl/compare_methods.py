@@ -139,7 +139,7 @@ class RunLog:
     def __init__(self, tokenizer, reward_fn, judge, queries, config: PPOConfig, device="cpu",
                  samples: list | None = None, samples_at: Callable[[int], bool] = lambda step: True):
         self.tokenizer, self.reward_fn, self.judge, self.queries = tokenizer, reward_fn, judge, queries
-        self.config = dataclasses.replace(config, fake_eos=False)  # held-out responses as the policy writes them
+        self.config = config
         self.device, self.samples, self.samples_at = device, samples, samples_at
         self.rows: list[dict] = []
         self.eval_seconds = 0.0

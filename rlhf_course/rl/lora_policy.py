@@ -237,16 +237,12 @@ def heldout_evaluation(lm: nn.Module, tokenizer, reward_fn: RewardFn, judge, que
     and, given the ``reference``, the KL to it per response (sum over tokens of log pi - log pi_ref on
     the sampled tokens, the k1 estimate PPO penalises).  ``frame`` holds one row per query (paired
     before/after differences: ``policy.judge.paired_gain``).  The same ``seed`` gives the same
-    sampling noise before and after training.  ``config.fake_eos`` is ignored: it is a rollout setting
-    for training, and an evaluation measures the responses as the policy writes them.
+    sampling noise before and after training.
     """
-    import dataclasses
-
     import pandas as pd
 
     from rlhf_course.rl.tricks import repetition_stats
 
-    config = dataclasses.replace(config, fake_eos=False)
     rng, was_training = random.Random(seed), lm.training
     lm.eval()
     rows = []

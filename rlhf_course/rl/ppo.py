@@ -45,7 +45,7 @@ from rlhf_course.core import distributed
 from rlhf_course.core.config import (FLAG, FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, SEED,
                                      ProfileConfig, integer, number, one_of)
 from rlhf_course.core.stats import RunningMoments, masked_mean, masked_var, masked_whiten
-from rlhf_course.rl.sampling import MAX_TOP_K, RewardFn, generate_batch
+from rlhf_course.rl.sampling import MAX_TOP_K, RewardFn, generate_batch, with_fake_eos
 
 
 
@@ -111,8 +111,7 @@ class PPOConfig(ProfileConfig):
     force_max_length: bool = field(default=False, metadata={
         "help": "suppress EOS so every response runs to its budget (min_length = max_length)"})
     fake_eos: bool = field(default=False, metadata={
-        "help": "a response cut at its budget without EOS gets EOS as its last token, so every scored and trained "
-                "sequence ends in EOS (OpenRLHF's vLLM rollout); held-out evaluations sample without it"})
+        "help": "a response cut at its budget gets EOS as its last token, in training rollouts only (OpenRLHF's vLLM rollout)"})
     # --- optimisation  [TRL0 defaults]
     steps: int = field(default=194, metadata={"help": "PPO steps (seed: 25,000 IMDB reviews / 128 = 194)"})
     batch_size: int = field(default=128, metadata={
@@ -372,6 +371,8 @@ def make_experience(policy: PolicyWithValueHead, reference: nn.Module, tokenizer
     whitening statistics are taken over every process's episodes (``rlhf_course.core.distributed``)."""
     policy.eval()
     query_ids, query_mask, response_ids, response_mask = generate_batch(policy.lm, queries, tokenizer, config, rng, device)
+    if config.fake_eos:  # a training rollout's setting; evaluations sample with generate_batch alone, the policy's own text
+        response_ids = with_fake_eos(response_ids, response_mask, tokenizer.eos_token_id)
     query_texts = tokenizer.batch_decode(query_ids.masked_fill(query_mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
     response_texts = [tokenizer.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(response_ids, response_mask)]
     texts = [q + r for q, r in zip(query_texts, response_texts)]
@@ -392,8 +393,7 @@ def make_experience(policy: PolicyWithValueHead, reference: nn.Module, tokenizer
         ref_logprobs.append(logprobs_of(ref_logits, args[2]).cpu())
         values.append(value.float().cpu())
     logprobs, ref_logprobs, values = torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
-    for name, tensor in (("the policy's log-prob", logprobs), ("the reference's log-prob", ref_logprobs),
-                         ("the value", values)):
+    for name, tensor in (("the policy's log-prob", logprobs), ("the reference's log-prob", ref_logprobs), ("the value", values)):
         check_finite(name, torch.where(response_mask.bool(), tensor, 0.0), texts)  # padding may hold anything
     mask = response_mask.float()
     rewards, _ = per_token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)

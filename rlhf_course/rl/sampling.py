@@ -7,7 +7,6 @@ Here the responses of a whole batch are sampled at once, with left padding and a
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import weakref
 from contextlib import contextmanager
@@ -293,8 +292,6 @@ def generate_batch(lm, queries: list[list[int]], tokenizer, config: PPOConfig, r
     eos = None if config.force_max_length else eos_id
     response_mask = response_mask_after_eos(response_ids, eos, budgets)
     response_ids = response_ids.masked_fill(response_mask == 0, tokenizer.pad_token_id)
-    if config.fake_eos:
-        response_ids = with_fake_eos(response_ids, response_mask, eos_id)
     return query_ids, query_mask, response_ids, response_mask
 
 
@@ -304,7 +301,8 @@ def with_fake_eos(response_ids: torch.Tensor, response_mask: torch.Tensor, eos_i
     OpenRLHF's vLLM rollout does this to responses that hit the token limit (OpenRLHF issue #238): its reward
     models read the score at the EOS token, so every scored sequence must end in one.  The replaced token was
     never sampled by the policy, so PPO trains on one off-policy token per such response, and the text the
-    reward model sees loses its last token.
+    reward model sees loses its last token.  ``ppo.make_experience`` applies it to training rollouts when
+    ``PPOConfig.fake_eos`` is on; ``generate_batch`` never does, so evaluations see the policy's own text.
     """
     lengths = response_mask.sum(1)
     rows = torch.arange(len(response_ids))
@@ -318,11 +316,9 @@ def with_fake_eos(response_ids: torch.Tensor, response_mask: torch.Tensor, eos_i
 @torch.no_grad()
 def sample_and_score(lm, tokenizer, reward_fn: RewardFn, queries: list[list[int]], config: PPOConfig,
                      seed: int = 0, device="cpu"):
-    """Responses to ``queries`` with their rewards, as a pandas DataFrame (for before/after tables): as the
-    policy writes them, so ``config.fake_eos`` (a training rollout setting) is ignored."""
+    """Responses to ``queries`` with their rewards, as a pandas DataFrame (for before/after tables)."""
     import pandas as pd
 
-    config = dataclasses.replace(config, fake_eos=False)
     torch.manual_seed(seed)
     query_ids, query_mask, response_ids, response_mask = generate_batch(lm, queries, tokenizer, config, random.Random(seed), device)
     query_texts = tokenizer.batch_decode(query_ids.masked_fill(query_mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
