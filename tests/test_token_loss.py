@@ -1,9 +1,10 @@
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.overrides import TorchFunctionMode
 
 from rlhf_course.reward import token_loss as tl
 from rlhf_course.course import benchmarks
@@ -223,25 +224,13 @@ def test_vectorised_gradients_equal_the_loops_bit_for_bit_in_float32():
         assert torch.equal(a, b)
 
 
-class _CountTorchCalls(TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.calls += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_vectorised_loss_makes_the_same_torch_calls_at_any_batch_size():
     # Its speed comes from a fixed number of whole-batch operations (no loop over pairs): count them.
     counts = {}
     for loss_fn in (tl.token_level_pairwise_loss, tl.token_level_pairwise_loss_reference):
         for size in (2, 32):
             batch = tl.random_pair_batch(size, 64, seed=size)
-            with _CountTorchCalls() as counter:
-                loss_fn(**batch)
-            counts[loss_fn.__name__, size] = counter.calls
+            counts[loss_fn.__name__, size] = benchmarks.forward_torch_calls(loss_fn, batch)
     assert counts["token_level_pairwise_loss", 2] == counts["token_level_pairwise_loss", 32] < 100
     assert counts["token_level_pairwise_loss_reference", 32] > 10 * counts["token_level_pairwise_loss", 32]
 
@@ -258,6 +247,8 @@ def test_benchmark_prints_a_ratio(capsys):
     benchmarks.benchmark_token_loss(["--batch", "4", "--length", "16", "--repeats", "2", "--threads", "1"])
     out = capsys.readouterr().out
     assert "speed-up" in out and "threads=1" in out
+    reference_calls, vectorised_calls = (int(n) for n in re.search(r"reference (\d+), vectorised (\d+)", out).groups())
+    assert reference_calls > vectorised_calls > 0  # 4 pairs: the loop already makes more calls
 
 
 def test_movie_preference_pairs_share_a_prompt_and_differ():
