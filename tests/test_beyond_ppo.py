@@ -3,6 +3,7 @@ configs, the memory monitor, and a two-step DPO run with its implicit reward on 
 (the RLOO / GRPO / PPO comparison is tests/test_compare_methods.py)."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from transformers import BertConfig, BertForSequenceClassification, GPT2Config, 
 from rlhf_course.policy.sentiment import SentimentReward, positive_label_index
 from rlhf_course.rl import beyond_ppo as bp
 from rlhf_course.core.assets import gpt2_tokenizer, minilm_tokenizer
+from rlhf_course.core.quiet import without_checkpointing_rename_warning
 
 TEXTS = ["a wonderful, moving film", "dull and far too long", "the actors", "I"]
 
@@ -130,7 +132,11 @@ SMOKE = bp.BeyondPPOConfig(dpo_steps=2, dpo_batch_size=4, dpo_learning_rate=1e-3
 def test_dpo_two_steps(tmp_path, policy_tokenizer, tiny_policy_path):
     pairs = Dataset.from_dict({"prompt": ["Question: hi\n\nAnswer:"] * 4,
                                "chosen": [" hello, how can I help?"] * 4, "rejected": [" go away"] * 4})
-    result = bp.train_dpo(tiny_policy_path, policy_tokenizer, pairs, SMOKE, tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = bp.train_dpo(tiny_policy_path, policy_tokenizer, pairs, SMOKE, tmp_path)
+    # TRL reads model.is_gradient_checkpointing (renamed in transformers 5.23): notebook 09 showed the warning.
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
     assert len(result.history) == 2 and result.history["loss"].map(math.isfinite).all()
     assert changed(initial_params(tiny_policy_path), result.model)
     assert result.models == ["policy", "reference"] and result.wall_s > 0 and result.peak_rss_mb > 0
@@ -154,3 +160,12 @@ def test_memory_monitor_keeps_the_peak_seen_while_the_block_runs(monkeypatch):
 
 def test_memory_monitor_reads_this_process_rss():
     assert bp.MemoryMonitor.rss_mb() > 10
+
+
+def test_only_the_checkpointing_rename_warning_is_silenced():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with without_checkpointing_rename_warning():
+            warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+            warnings.warn("`something_else` is deprecated.", FutureWarning)
+    assert [str(w.message) for w in caught] == ["`something_else` is deprecated."]

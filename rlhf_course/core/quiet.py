@@ -22,8 +22,7 @@ def quiet_loading():
     hf_logging.disable_progress_bar()
     datasets.disable_progress_bars()
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        with without_checkpointing_rename_warning():
             yield
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -31,3 +30,13 @@ def quiet_loading():
             hf_logging.enable_progress_bar()
         if data_bars:
             datasets.enable_progress_bars()
+
+
+@contextlib.contextmanager
+def without_checkpointing_rename_warning():
+    """Silence only the FutureWarning that PEFT and TRL trigger, while loading and training, by reading
+    ``model.is_gradient_checkpointing`` (renamed ``is_activation_checkpointing`` in transformers 5.23):
+    the course cannot act on it, and every other warning still shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield

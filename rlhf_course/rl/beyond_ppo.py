@@ -33,6 +33,7 @@ from torch import nn
 
 from rlhf_course.core.config import POSITIVE, POSITIVE_INT, SEED, ProfileConfig, integer
 from rlhf_course.core.profiles import precision_flags
+from rlhf_course.core.quiet import without_checkpointing_rename_warning
 
 # ----------------------------------------------------------------------------- TRL configs
 
@@ -290,7 +291,8 @@ def _run_trl(method: str, build: Callable[[], object]) -> MethodRun:
         _quiet_progress(trainer, method)
         return trainer
 
-    return measured_run(method, build_quietly, _train_trl, trainer_networks)
+    with without_checkpointing_rename_warning():  # TRL reads the renamed attribute while building and training
+        return measured_run(method, build_quietly, _train_trl, trainer_networks)
 
 
 # ----------------------------------------------------------------------------- DPO on offline pairs (9.4)
