@@ -28,6 +28,8 @@ import tempfile
 import time
 from typing import TYPE_CHECKING, Callable
 
+from rlhf_course.core.quiet import without_checkpointing_rename_warning  # light: warnings and contextlib only
+
 if TYPE_CHECKING:  # annotations only: this module imports nothing heavy until a run starts
     from rlhf_course.rl.ppo import PPOConfig
 
@@ -371,7 +373,7 @@ def trl_method_rows(method: str, start: MethodStart, config: PPOConfig, n_eval: 
             dataset = on_policy_pairs(start.lm, start.tokenizer, start.reward_fn, train_queries, budget, config, device)
         else:  # TRL tokenizes the prompt text again (SmolLM2 adds no BOS)
             dataset = Dataset.from_dict({"prompt": start.tokenizer.batch_decode(train_queries, skip_special_tokens=True)})
-        with tempfile.TemporaryDirectory() as output_dir:
+        with tempfile.TemporaryDirectory() as output_dir, without_checkpointing_rename_warning():
             trainer = build_trainer(method, start, budget, dataset, output_dir, progress)
             steps_per_round = budget.gradient_steps_per_round(method)
             trainer.add_callback(_training_log_callback(log, steps_per_round))
