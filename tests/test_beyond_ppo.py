@@ -167,5 +167,7 @@ def test_only_the_checkpointing_rename_warning_is_silenced():
         warnings.simplefilter("always")
         with without_checkpointing_rename_warning():
             warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+            warnings.warn("`gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
             warnings.warn("`something_else` is deprecated.", FutureWarning)
-    assert [str(w.message) for w in caught] == ["`something_else` is deprecated."]
+            warnings.warn("`is_gradient_checkpointing` is deprecated.", UserWarning)  # another category: shown
+    assert [str(w.message) for w in caught] == ["`something_else` is deprecated.", "`is_gradient_checkpointing` is deprecated."]

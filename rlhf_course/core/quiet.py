@@ -34,9 +34,10 @@ def quiet_loading():
 
 @contextlib.contextmanager
 def without_checkpointing_rename_warning():
-    """Silence only the FutureWarning that PEFT and TRL trigger, while loading and training, by reading
-    ``model.is_gradient_checkpointing`` (renamed ``is_activation_checkpointing`` in transformers 5.23):
-    the course cannot act on it, and every other warning still shows."""
+    """Silence only the FutureWarnings of transformers 5.23's rename of gradient checkpointing to activation
+    checkpointing that PEFT and TRL trigger: reading ``model.is_gradient_checkpointing`` while loading and
+    training, and TRL's configs defaulting ``gradient_checkpointing=True``.  The course cannot act on them
+    (its own configs use the new name); every other warning still shows."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing` is deprecated", category=FutureWarning)
         yield
