@@ -24,7 +24,7 @@ from rlhf_course.core import distributed
 from rlhf_course.core.cli import parse_config, require_writable_folder
 from rlhf_course.core.config import POSITIVE_INT, Check, check_fields
 from rlhf_course.reward import evaluation as reward_eval
-from rlhf_course.core.profiles import Profile, seed_everything
+from rlhf_course.core.profiles import DEVICE_VAR, Profile, get_device, seed_everything
 from rlhf_course.reward.training import (
     HeldOutCurve,
     RewardTrainingConfig,
@@ -182,7 +182,12 @@ class RewardScriptArgs:
 
 
 def check_reward_setup(args: RewardScriptArgs, config: RewardTrainingConfig) -> None:
-    """What the machine must offer before anything loads: a folder to save into, the checkpoint to resume."""
+    """What the machine must offer before anything loads: the device (``RLHF_DEVICE``), a folder to save
+    into, the checkpoint to resume."""
+    device = get_device()  # an unknown or absent RLHF_DEVICE fails here, naming what this machine has
+    if device.index is not None and not distributed.launched_distributed():
+        raise ValueError(f"{DEVICE_VAR}={device}: transformers' Trainer trains on every GPU it sees, so one GPU is "
+                         f"chosen by hiding the others: CUDA_VISIBLE_DEVICES={device.index} {DEVICE_VAR}=cuda")
     if not args.output_dir and (distributed.launched_distributed() or args.checkpoint_every or args.resume_from):
         raise ValueError("--output-dir is required with accelerate launch, --checkpoint-every or --resume-from "
                          "(the course cache is for single-process runs)")

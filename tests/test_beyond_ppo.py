@@ -115,6 +115,23 @@ def test_trl_args_are_cpu_safe(tmp_path):
     assert args.report_to in ("none", [], ["none"]) and not args.activation_checkpointing
 
 
+def test_trl_follows_rlhf_device(monkeypatch):
+    # Before: TRL trained on any GPU present, whatever RLHF_DEVICE said, and RLHF_DEVICE=cuda on a CPU ran on the CPU.
+    from rlhf_course.core.profiles import ProfileError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("RLHF_DEVICE", "cpu")
+    assert bp.on_cpu()
+    monkeypatch.delenv("RLHF_DEVICE")
+    assert not bp.on_cpu()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setenv("RLHF_DEVICE", "cuda")
+    with pytest.raises(ProfileError, match="RLHF_DEVICE='cuda' is not a device of this machine"):
+        bp.on_cpu()
+
+
 # ----------------------------------------------------------------------------- two-step runs
 
 

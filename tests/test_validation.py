@@ -397,6 +397,25 @@ def test_train_ppo_uses_rlhf_device(monkeypatch, tmp_path, nothing_loads, capsys
     assert made == [True, False]
 
 
+
+def test_train_reward_uses_rlhf_device(monkeypatch, tmp_path, nothing_loads, capsys):
+    # Probe of issue 17 (stop 31): RLHF_DEVICE=cuda on a CPU machine trained on the CPU and exited 0, and
+    # RLHF_DEVICE=cpu could not keep the Trainer off a GPU: train_reward never read it.
+    machine(monkeypatch)
+    monkeypatch.setenv("RLHF_DEVICE", "cuda")
+    error = usage_error(train_reward.main, ["--output-dir", str(tmp_path / "out")], capsys)
+    assert "RLHF_DEVICE='cuda' is not a device of this machine; available: cpu" in error
+    machine(monkeypatch, cuda=2)
+    monkeypatch.setenv("RLHF_DEVICE", "cuda:1")
+    error = usage_error(train_reward.main, ["--output-dir", str(tmp_path / "out")], capsys)
+    assert "CUDA_VISIBLE_DEVICES=1 RLHF_DEVICE=cuda" in error
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    config = RewardTrainingConfig.for_profile("laptop")
+    monkeypatch.setenv("RLHF_DEVICE", " CPU")
+    assert reward_training._common_args(config, tmp_path)["use_cpu"] is True
+    monkeypatch.delenv("RLHF_DEVICE")
+    assert reward_training._common_args(config, tmp_path)["use_cpu"] is False
+
 # ============================================================================ HF_HUB_OFFLINE
 
 

@@ -40,7 +40,7 @@ from rlhf_course.reward.losses import log_sig_loss
 from rlhf_course.core.config import (FLAG, MAPPING, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, Check,
                                      ProfileConfig, integer, number, one_of, resolve_profile, tuple_of)
 from rlhf_course.core import hub
-from rlhf_course.core.profiles import PROFILES, half_dtype, precision_flags
+from rlhf_course.core.profiles import PROFILES, get_device, half_dtype, precision_flags
 from rlhf_course.core.quiet import quiet_loading
 
 # Short names for the base models; the full-profile ones are the seeds' hub ids.
@@ -352,7 +352,7 @@ def add_length_column(dataset, name: str = "length"):
 
 
 def _common_args(config: RewardTrainingConfig, output_dir) -> dict:
-    cpu = not torch.cuda.is_available()
+    cpu = get_device().type == "cpu"  # RLHF_DEVICE=cpu keeps the Trainer off a GPU; an absent device raises
     return dict(
         output_dir=str(output_dir), seed=config.seed, data_seed=config.seed,
         num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,

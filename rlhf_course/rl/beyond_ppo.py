@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from rlhf_course.core.config import POSITIVE, POSITIVE_INT, SEED, ProfileConfig, integer
-from rlhf_course.core.profiles import precision_flags
+from rlhf_course.core.profiles import get_device, precision_flags
 from rlhf_course.core.quiet import without_checkpointing_rename_warning
 
 # ----------------------------------------------------------------------------- TRL configs
@@ -72,7 +72,8 @@ class BeyondPPOConfig(ProfileConfig):
 
 
 def on_cpu() -> bool:
-    return not torch.cuda.is_available()
+    """Whether TRL trains on the CPU: the device ``profiles.get_device`` picks (``RLHF_DEVICE`` overrides)."""
+    return get_device().type == "cpu"
 
 
 def trl_args(config_class, output_dir: str | Path, **overrides):
