@@ -352,7 +352,9 @@ def add_length_column(dataset, name: str = "length"):
 
 
 def _common_args(config: RewardTrainingConfig, output_dir) -> dict:
-    cpu = get_device().type == "cpu"  # RLHF_DEVICE=cpu keeps the Trainer off a GPU; an absent device raises
+    # A CUDA GPU if get_device picks one (RLHF_DEVICE=cpu keeps the Trainer off it; an absent device raises);
+    # on Apple mps the Trainer stays on the CPU, as it always has here (its mps path is untested).
+    cpu = get_device().type != "cuda"
     return dict(
         output_dir=str(output_dir), seed=config.seed, data_seed=config.seed,
         num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,

@@ -72,8 +72,9 @@ class BeyondPPOConfig(ProfileConfig):
 
 
 def on_cpu() -> bool:
-    """Whether TRL trains on the CPU: the device ``profiles.get_device`` picks (``RLHF_DEVICE`` overrides)."""
-    return get_device().type == "cpu"
+    """Whether TRL trains on the CPU: unless ``profiles.get_device`` picks a CUDA GPU (``RLHF_DEVICE``
+    overrides; an absent device raises).  On Apple mps TRL stays on the CPU, as it always has here."""
+    return get_device().type != "cuda"
 
 
 def trl_args(config_class, output_dir: str | Path, **overrides):
