@@ -130,7 +130,7 @@ def with_lora_recipe(config: ppo.PPOConfig, profile: str) -> ppo.PPOConfig:
     """``config`` with notebook 07's SmolLM2 LoRA recipe (``lora_policy.SMOLLM2_PPO_OVERRIDES`` and
     ``NOTEBOOK_07_CHANGES``) on every field the command line left at the profile's value:
     ``--policy smollm2-lora --steps 5`` keeps its 5 steps.  A flag given with the profile's own value cannot be told
-    from no flag, so it takes the recipe's value (``--fake-eos False`` keeps fake EOS on): change such a setting
+    from no flag, so it takes the recipe's value (``--no-fake-eos`` keeps fake EOS on): change such a setting
     in Python, ``dataclasses.replace(lora_policy.notebook_07_config(), fake_eos=False)``."""
     from rlhf_course.rl.lora_policy import NOTEBOOK_07_CHANGES, SMOLLM2_PPO_OVERRIDES
 
